@@ -1,0 +1,31 @@
+# `make run`: set up .venv and run the whole pipeline. `make test`: set up .venv and run the tests.
+# Both are idempotent: the install is redone only when pyproject.toml changes.
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch pinned to the wheels this project is tested with; override e.g. TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: run test bench install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: install
+	dvc repro
+
+test: install
+	pytest -q
+
+bench: install
+	python bench/throughput.py --out BENCHMARKS.md
+
+clean:
+	rm -rf models cache reports

@@ -1,0 +1,1 @@
+"""One click command per pipeline stage, assembled into the `kd` command in `stages.cli`."""

@@ -1,0 +1,54 @@
+"""Options shared by every stage, defined once, and the error boundary between library and CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import click
+
+params_option = click.option("--params", "params_path", default="params.yaml", show_default=True,
+                             type=click.Path(dir_okay=False), help="The parameters file.")
+device_option = click.option("--device", default=None,
+                             help="Overrides params.yaml `device` (auto | cpu | cuda | cuda:N).")
+
+
+def stage(func):
+    """Turn a library error (KDError) into a clear CLI error: message on stderr, exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from pipeline import KDError
+
+        try:
+            return func(*args, **kwargs)
+        except KDError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def setup(params_path: str, device: str | None):
+    """Load params and pick the device: (params, torch.device)."""
+    from pipeline.models import resolve_device
+    from pipeline.params import load_params
+
+    params = load_params(params_path)
+    return params, resolve_device(device or params.device)
+
+
+@contextlib.contextmanager
+def live_log(live_dir: str | None):
+    """A dvclive logger as an `EpochLog` callable (a no-op without a directory)."""
+    if live_dir is None:
+        yield lambda epoch, metrics: None
+        return
+    from dvclive import Live
+
+    with Live(dir=live_dir, save_dvc_exp=False, dvcyaml=False) as live:
+        def log(epoch: int, metrics: dict) -> None:
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+
+        yield log

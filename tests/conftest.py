@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny params files, a small teacher and real zarr / HDF5 stores made from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.data import Split, fingerprint, load_dataset
+from pipeline.models import build_model, save_checkpoint, weights_fingerprint
+from pipeline.params import load_params
+from pipeline.replay import build_augment
+from pipeline.store import StoreMeta, write_store
+from pipeline.train import teacher_logit_blocks, train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast, but every part real: 2 views, a real augmentation with several random draws.
+TINY = {
+    "teacher.arch": "tiny_cnn", "teacher.epochs": 1,
+    "cache.num_views": 2, "cache.chunk_samples": 100,
+    "distill.epochs": 2, "distill.lr_milestones": [1], "distill.lr_factors": [0.1],
+    "evaluate.threshold": 0.0,
+}
+AUGMENT = [{"RandomAffine": {"degrees": 15, "translate": [0.125, 0.125]}},
+           {"RandomErasing": {"p": 0.5, "scale": [0.02, 0.1]}}]
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """The project's params.yaml with dotted-key overrides (e.g. `**{"distill.temperature": 2.0}`)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in {**TINY, **overrides}.items():
+        *parents, last = key.split(".")
+        node = raw
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def params_path(tmp_path) -> Path:
+    return write_params(tmp_path / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    return load_dataset(load_params(ROOT / "params.yaml").data)
+
+
+@pytest.fixture(scope="session")
+def train_subset(dataset) -> Split:
+    """The first 96 training samples: enough for several batches, fast to run a teacher over."""
+    return Split(dataset.train.images[:96], dataset.train.labels[:96])
+
+
+@pytest.fixture(scope="session")
+def teacher(dataset):
+    """A CNN teacher trained for two epochs: logits on a realistic scale (eval mode)."""
+    model = build_model("cnn", 1, dataset.num_classes)
+    return train_teacher(model, dataset.train, dataset.val, build_augment(AUGMENT), epochs=2, batch_size=64,
+                         lr=1e-3, seed=0, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def teacher_path(teacher, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint(teacher, "cnn", 1, 10, path)
+    return path
+
+
+def make_store(path: Path, fmt: str, dtype: str, teacher, split: Split, num_views: int = 3, seed: int = 7,
+               augment=AUGMENT, chunk_samples: int = 32) -> Path:
+    """Write a real store of `fmt` by running `teacher` over `split` exactly as `kd cache` does."""
+    meta = StoreMeta(num_samples=len(split), num_views=num_views, num_classes=10, augment=augment, seed=seed,
+                     dtype=dtype, teacher_arch="cnn", teacher_fingerprint=weights_fingerprint(teacher),
+                     dataset_fingerprint=fingerprint(split))
+    blocks = teacher_logit_blocks(teacher, split.images, build_augment(augment), seed, num_views,
+                                  batch_size=40, block_samples=chunk_samples, device=torch.device("cpu"))
+    write_store(path, fmt, meta, split.labels.numpy(), blocks, chunk_samples)
+    return path

@@ -1,0 +1,104 @@
+"""Replay: view v of sample i is a pure function of (seed, i, v), wherever and whenever it is computed."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline import KDError
+from pipeline.replay import ReplayDataset, build_augment, epoch_pairs, epoch_views, replay_view
+
+# Every random torchvision v2 transform family a user is likely to configure, as params.yaml would say it.
+SPECS = {
+    "affine": [{"RandomAffine": {"degrees": 20, "translate": [0.2, 0.2], "scale": [0.8, 1.2], "shear": 10}}],
+    "resized_crop_flip": [{"RandomResizedCrop": {"size": 16, "scale": [0.5, 1.0], "antialias": True}},
+                          {"RandomHorizontalFlip": {}}, {"RandomVerticalFlip": {}}],
+    "crop_padding": [{"RandomCrop": {"size": 16, "padding": 4}}],
+    "rotation_perspective": [{"RandomRotation": {"degrees": 30}}, {"RandomPerspective": {"p": 1.0}}],
+    "color": [{"ColorJitter": {"brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.2}},
+              {"RandomGrayscale": {"p": 0.5}}, {"RandomAutocontrast": {}}, {"RandomEqualize": {}},
+              {"RandomAdjustSharpness": {"sharpness_factor": 2}}],
+    "blur_erase_invert": [{"GaussianBlur": {"kernel_size": 3, "sigma": [0.1, 2.0]}},
+                          {"RandomErasing": {"p": 1.0}}, {"RandomInvert": {}}],
+    "auto_augment": [{"RandAugment": {}}, {"TrivialAugmentWide": {}}, {"AugMix": {}}],
+    "elastic_noise": [{"ElasticTransform": {"alpha": 20.0, "sigma": 2.0}}, {"GaussianNoise": {}}],
+    "zoom": [{"RandomZoomOut": {"side_range": [1.0, 2.0]}}, {"Resize": {"size": [16, 16], "antialias": True}}],
+}
+
+
+@pytest.fixture
+def image():
+    return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_v2_random_transform_replays_exactly(name, image):
+    transform = build_augment(SPECS[name])
+    first = [replay_view(image, transform, 3, i, v) for i in range(3) for v in range(4)]
+    torch.rand(100)  # whatever the global stream does in between must not matter
+    again = [replay_view(image, transform, 3, i, v) for i in range(3) for v in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(first[0], x) for x in first[1:]), "all views identical: no randomness replayed"
+
+
+def test_different_views_and_samples_differ(image):
+    transform = build_augment(SPECS["affine"])
+    views = [replay_view(image, transform, 0, 5, v) for v in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
+    assert not torch.equal(replay_view(image, transform, 0, 6, 0), views[0])
+    assert not torch.equal(replay_view(image, transform, 1, 5, 0), views[0])
+
+
+def test_replay_leaves_the_global_random_stream_untouched(image):
+    transform = build_augment(SPECS["affine"])
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    replay_view(image, transform, 0, 1, 2)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_replay_is_identical_in_another_process(image, tmp_path):
+    transform = build_augment(SPECS["resized_crop_flip"])
+    torch.save(image, tmp_path / "image.pt")
+    code = (
+        "import sys, torch\n"
+        "from pipeline.replay import build_augment, replay_view\n"
+        f"t = build_augment({SPECS['resized_crop_flip']!r})\n"
+        f"img = torch.load(r'{tmp_path / 'image.pt'}')\n"
+        f"torch.save(torch.stack([replay_view(img, t, 9, i, v) for i in range(4) for v in range(3)]), "
+        f"r'{tmp_path / 'out.pt'}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    here = torch.stack([replay_view(image, transform, 9, i, v) for i in range(4) for v in range(3)])
+    assert torch.equal(torch.load(tmp_path / "out.pt"), here)
+
+
+def test_replay_is_identical_in_dataloader_workers():
+    images = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12)
+    dataset = ReplayDataset(images, labels, build_augment(SPECS["affine"]), seed=4)
+    pairs = epoch_pairs("random", 3, 12, epoch=2, seed=0)
+    in_main = torch.cat([x for x, *_ in DataLoader(dataset, sampler=pairs, batch_size=5)])
+    in_workers = torch.cat([x for x, *_ in DataLoader(dataset, sampler=pairs, batch_size=5, num_workers=2)])
+    assert torch.equal(in_main, in_workers)
+    assert torch.equal(in_main[0], replay_view(images[pairs[0][0]], dataset.transform, 4, *pairs[0]))
+
+
+def test_view_schedules():
+    assert (epoch_views("cycle", 4, 10, epoch=6, seed=0) == 2).all()
+    random_views = epoch_views("random", 4, 1000, epoch=0, seed=0)
+    assert set(random_views.tolist()) == {0, 1, 2, 3}
+    assert (random_views == epoch_views("random", 4, 1000, epoch=0, seed=0)).all()
+    assert not (random_views == epoch_views("random", 4, 1000, epoch=1, seed=0)).all()
+    pairs = epoch_pairs("cycle", 4, 10, epoch=1, seed=0)
+    assert sorted(i for i, _ in pairs) == list(range(10))
+
+
+def test_unknown_transform_name_is_a_clear_error():
+    with pytest.raises(KDError, match="randomaffine.*not a torchvision.transforms.v2 transform"):
+        build_augment([{"randomaffine": {"degrees": 10}}])
+    with pytest.raises(KDError, match="RandomAffine"):
+        build_augment([{"RandomAffine": {"degres": 10}}])
