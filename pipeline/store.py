@@ -73,6 +73,7 @@ def write_store(path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray,
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     _remove(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shape = (meta.num_samples, meta.num_views, meta.num_classes)
     chunks = (max(1, min(chunk_samples, meta.num_samples)), meta.num_views, meta.num_classes)
     written = np.zeros(meta.num_samples, dtype=bool)

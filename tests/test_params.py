@@ -1,0 +1,59 @@
+"""params.yaml: every key required, unknown or mistyped keys and bad values are clear errors."""
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.params import ParamsError, load_params
+from stages.cli import kd
+from conftest import ROOT, write_params
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.cache.format in ("zarr", "hdf5") and params.distill.temperature > 0
+
+
+def test_mistyped_key_names_the_key_and_suggests_the_fix(tmp_path):
+    path = write_params(tmp_path / "params.yaml")
+    path.write_text(path.read_text().replace("temperature:", "temprature:"))
+    with pytest.raises(ParamsError, match=r"unknown key 'distill.temprature'; did you mean 'distill.temperature'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("distill.temperature", "hot", r"distill.temperature is 'hot'; expected float"),
+    ("distill.temperature", 0, r"distill.temperature is 0.0; expected a number > 0"),
+    ("cache.format", "parquet", r"cache.format is 'parquet'; expected zarr or hdf5"),
+    ("cache.num_views", 2.5, r"cache.num_views is 2.5; expected int"),
+    ("distill.lr_factors", [0.1, 0.01], r"one factor per entry of distill.lr_milestones"),
+    ("augment", [{"RandomAffine": 5}], r"augment\[0\]"),
+])
+def test_bad_values_are_refused(tmp_path, key, value, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path / "params.yaml", **{key: value}))
+
+
+def test_missing_key_is_an_error(tmp_path):
+    path = write_params(tmp_path / "params.yaml")
+    path.write_text(path.read_text().replace("  kd_weight:", "  # kd_weight:"))
+    with pytest.raises(ParamsError, match="missing key 'distill.kd_weight'"):
+        load_params(path)
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    path = write_params(tmp_path / "params.yaml")
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
+    assert load_params(path).distill.lr == 1e-3
+
+
+def test_cli_exits_nonzero_naming_the_bad_key(tmp_path):
+    path = write_params(tmp_path / "params.yaml")
+    path.write_text(path.read_text().replace("kd_weight:", "kd_wieght:"))
+    result = CliRunner().invoke(kd, ["distill", "--params", str(path)])
+    assert result.exit_code == 1
+    assert "unknown key 'distill.kd_wieght'; did you mean 'distill.kd_weight'" in result.output
+
+
+def test_cli_missing_params_file(tmp_path):
+    result = CliRunner().invoke(kd, ["teacher", "--params", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1 and "nope.yaml: file not found" in result.output

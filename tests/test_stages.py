@@ -1,0 +1,123 @@
+"""The four stages end to end through the `kd` click commands, on tiny settings, and their errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.models import build_model, save_checkpoint
+from stages.cli import kd
+from conftest import write_params
+
+
+def invoke(*args):
+    result = CliRunner().invoke(kd, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["teacher", "cache", "distill", "evaluate"])
+def test_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "--params" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_pipeline_end_to_end(workdir, fmt):
+    params = write_params(workdir / "params.yaml", **{"cache.format": fmt, "evaluate.threshold": 0.5})
+    store = f"cache/logits.{fmt}"
+    assert invoke("teacher", "--params", params, "--live-dir", "live/teacher").exit_code == 0
+    result = invoke("cache", "--params", params, "--out", store)
+    assert result.exit_code == 0, result.output
+    assert "2 views" in result.output and not os.path.exists(store + ".partial")
+    for extra in ([], ["--baseline"]):
+        name = "baseline" if extra else "student"
+        result = invoke("distill", "--params", params, "--cache", store, "--out", f"models/{name}.pt",
+                        "--live-dir", f"reports/live/{name}", *extra)
+        assert result.exit_code == 0, result.output
+    result = invoke("evaluate", "--params", params)
+    assert result.exit_code == 0, result.output
+    assert "Student model test accuracy: " in result.output
+    assert "Is above threshold performance? " in result.output
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+    for key in ("teacher_acc", "student_acc", "baseline_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert (workdir / "reports/figures/training.png").stat().st_size > 10_000
+    assert "| Student (distilled) |" in (workdir / "reports/report.md").read_text()
+
+
+def test_online_teacher_source_needs_no_store(workdir):
+    params = write_params(workdir / "params.yaml", **{"distill.teacher_source": "online", "distill.epochs": 1})
+    assert invoke("teacher", "--params", params).exit_code == 0
+    result = invoke("distill", "--params", params)
+    assert result.exit_code == 0, result.output
+
+
+def test_users_teacher_checkpoint_is_validated_and_copied(workdir):
+    mine = build_model("cnn", 1, 10)
+    save_checkpoint(mine, "cnn", 1, 10, workdir / "mine.pt")
+    params = write_params(workdir / "params.yaml", **{"teacher.checkpoint": "mine.pt"})
+    result = invoke("teacher", "--params", params, "--out", "models/teacher.pt")
+    assert result.exit_code == 0, result.output
+    copied = torch.load(workdir / "models/teacher.pt", weights_only=True)
+    assert copied["arch"] == "cnn"
+    assert all(torch.equal(copied["state_dict"][k], v) for k, v in mine.state_dict().items())
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "checkpoint not found"),
+    (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+    ({"state_dict": {}}, "checkpoint must be a dict with keys"),
+    ({"arch": "cnn", "in_channels": 1, "num_classes": 10, "state_dict": {"w": torch.zeros(1)}},
+     "does not fit architecture 'cnn'"),
+    ("wrong-classes", "predicts 7 classes; the dataset has 1 and 10"),
+])
+def test_bad_teacher_checkpoint_is_a_clear_error(workdir, content, message):
+    path = workdir / "mine.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "wrong-classes":
+        save_checkpoint(build_model("cnn", 1, 7), "cnn", 1, 7, path)
+    elif content is not None:
+        torch.save(content, path)
+    params = write_params(workdir / "params.yaml", **{"teacher.checkpoint": "mine.pt"})
+    result = invoke("teacher", "--params", params, "--out", "models/teacher.pt")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (workdir / "models/teacher.pt").exists()
+
+
+def test_distill_refuses_store_from_another_teacher(workdir):
+    params = write_params(workdir / "params.yaml")
+    assert invoke("teacher", "--params", params, "--out", "t1.pt").exit_code == 0
+    assert invoke("cache", "--params", params, "--teacher", "t1.pt", "--out", "s.zarr").exit_code == 0
+    save_checkpoint(build_model("tiny_cnn", 1, 10), "tiny_cnn", 1, 10, workdir / "t2.pt")
+    result = invoke("distill", "--params", params, "--teacher", "t2.pt", "--cache", "s.zarr")
+    assert result.exit_code == 1 and "store was made by another teacher" in result.output
+    assert not (workdir / "models/student.pt").exists()
+
+
+def test_distill_refuses_missing_or_incomplete_store(workdir):
+    params = write_params(workdir / "params.yaml")
+    assert invoke("teacher", "--params", params).exit_code == 0
+    result = invoke("distill", "--params", params, "--cache", "nothing.zarr")
+    assert result.exit_code == 1 and "nothing.zarr: logit store not found" in result.output
+    (workdir / "half.zarr").mkdir()
+    (workdir / "half.zarr/zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    result = invoke("distill", "--params", params, "--cache", "half.zarr")
+    assert result.exit_code == 1 and "store is incomplete" in result.output
+
+
+def test_failed_cache_leaves_no_store(workdir):
+    params = write_params(workdir / "params.yaml")
+    assert invoke("teacher", "--params", params).exit_code == 0
+    bad = write_params(workdir / "bad.yaml", augment=[{"RandomAfine": {"degrees": 5}}])
+    result = invoke("cache", "--params", bad, "--out", "s.zarr")
+    assert result.exit_code == 1 and "'RandomAfine' is not a torchvision.transforms.v2 transform" in result.output
+    assert not (workdir / "s.zarr").exists() and not (workdir / "s.zarr.partial").exists()
