@@ -1,7 +1,7 @@
 """Choose T, λ and the student on the *validation* split: grid over (student, T, λ) x seeds.
 
 Uses the teacher and store that `dvc repro cache` wrote. The test split is never read.
-Usage: python bench/sweep.py --students tiny_cnn --temperatures 1 2 4 8 --kd-weights 0 0.5 1 2 --seeds 0 1 2
+Usage: python bench/sweep.py --students tiny_cnn -T 2 -T 4 -l 0 -l 0.5 -l 2 --seeds 0 --seeds 1 --seeds 2
 """
 
 import itertools
@@ -30,7 +30,9 @@ from pipeline.train import accuracy, distill, store_targets
 @click.option("--epochs", type=int, default=None)
 @click.option("--threads", type=int, default=1)
 @click.option("--out", default=None, help="Append JSON lines here.")
-def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epochs, threads, out):
+@click.option("--report-test", is_flag=True,
+              help="Also score the test split: only to report the chosen defaults, never to choose them.")
+def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epochs, threads, out, report_test):
     torch.set_num_threads(threads)
     p = load_params(params_path)
     d = p.distill
@@ -40,7 +42,7 @@ def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epo
     for student_name, T, lam in itertools.product(students, temperatures, kd_weights):
         if lam == 0 and T != temperatures[0]:
             continue  # the baseline does not depend on T
-        accs = []
+        accs, test_accs = [], []
         for seed in seeds:
             student = build_model(student_name, data.image_shape[0], data.num_classes)
             distill(student, data.train, data.val, store_targets(store), transform, store.meta.seed,
@@ -49,8 +51,13 @@ def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epo
                     weight_decay=d.weight_decay, lr_milestones=d.lr_milestones, lr_factors=d.lr_factors,
                     seed=seed, device=torch.device("cpu"))
             accs.append(accuracy(student, data.val, torch.device("cpu")))
+            if report_test:
+                test_accs.append(accuracy(student, data.test, torch.device("cpu")))
         row = {"student": student_name, "T": T, "kd_weight": lam, "val_acc_mean": statistics.mean(accs),
                "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "val_accs": accs}
+        if report_test:
+            row.update(test_acc_mean=statistics.mean(test_accs), test_accs=test_accs,
+                       test_acc_std=statistics.stdev(test_accs) if len(test_accs) > 1 else 0.0)
         print(json.dumps(row), flush=True)
         if out:
             with open(out, "a") as f:
