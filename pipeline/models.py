@@ -34,12 +34,11 @@ class CNN(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Student CNN: two small conv layers (8-16 channels), max-pool, global average pool."""
+    """Student CNN (~1.9k parameters): two small conv blocks (8-16 channels), max-pool, 2x2 average pool."""
 
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        self.features = nn.Sequential(_conv(in_channels, 8), nn.MaxPool2d(2), _conv(8, 16),
                                       nn.AdaptiveAvgPool2d(2), nn.Flatten())
         self.head = nn.Linear(16 * 4, num_classes)
 
