@@ -44,7 +44,7 @@ def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epo
             continue  # the baseline does not depend on T
         accs, test_accs = [], []
         for seed in seeds:
-            student = build_model(student_name, data.image_shape[0], data.num_classes)
+            student = build_model(student_name, data.image_shape[0], data.num_classes, seed=seed)
             distill(student, data.train, data.val, store_targets(store), transform, store.meta.seed,
                     store.meta.num_views, temperature=T, kd_weight=lam, view_schedule=d.view_schedule,
                     epochs=epochs or d.epochs, batch_size=d.batch_size, lr=d.lr, betas=d.betas,

@@ -71,10 +71,15 @@ def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
 ARCHITECTURES = {"cnn": CNN, "tiny_cnn": TinyCNN, "mlp": MLP, "resnet18": _resnet18}
 
 
-def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+def build_model(arch: str, in_channels: int, num_classes: int, seed: int | None = None) -> nn.Module:
+    """A fresh model; with `seed`, its initial weights are a function of the seed (global RNG untouched)."""
     if arch not in ARCHITECTURES:
         raise KDError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](in_channels, num_classes)
+    if seed is None:
+        return ARCHITECTURES[arch](in_channels, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ARCHITECTURES[arch](in_channels, num_classes)
 
 
 def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: int, path: str | Path) -> None:

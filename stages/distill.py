@@ -40,7 +40,7 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     else:
         augment, replay_seed, num_views = params.augment, params.cache.seed, params.cache.num_views
         targets = online_targets(teacher.to(device), device)
-    student = build_model(cfg.student, data.image_shape[0], data.num_classes)
+    student = build_model(cfg.student, data.image_shape[0], data.num_classes, seed=params.seed)
     with live_log(live_dir) as log:
         run_distill(student, data.train, data.val, targets, build_augment(augment), replay_seed, num_views,
                     temperature=cfg.temperature, kd_weight=0.0 if baseline else cfg.kd_weight,

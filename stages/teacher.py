@@ -31,7 +31,7 @@ def teacher(params_path, device, out, live_dir):
         arch = ckpt["arch"]
     else:
         arch = params.teacher.arch
-        model = build_model(arch, in_channels, data.num_classes)
+        model = build_model(arch, in_channels, data.num_classes, seed=params.seed)
         with live_log(live_dir) as log:
             train_teacher(model, data.train, data.val, build_augment(params.augment), params.teacher.epochs,
                           params.teacher.batch_size, params.teacher.lr, params.seed, device, log)

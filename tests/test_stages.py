@@ -121,3 +121,12 @@ def test_failed_cache_leaves_no_store(workdir):
     result = invoke("cache", "--params", bad, "--out", "s.zarr")
     assert result.exit_code == 1 and "'RandomAfine' is not a torchvision.transforms.v2 transform" in result.output
     assert not (workdir / "s.zarr").exists() and not (workdir / "s.zarr.partial").exists()
+
+
+def test_same_params_give_the_same_teacher(workdir):
+    """DVC's rule for stage code: deterministic. Same seed, same weights, bit for bit."""
+    params = write_params(workdir / "params.yaml")
+    for name in ("a.pt", "b.pt"):
+        assert invoke("teacher", "--params", params, "--out", name).exit_code == 0
+    a, b = (torch.load(workdir / n, weights_only=True)["state_dict"] for n in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
