@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	dvc repro
+	@python -c "import json; m = json.load(open('reports/metrics.json')); \
+	print(f\"Student model test accuracy: {100 * m['student_acc']:.2f} %\"); \
+	print(f\"Is above threshold performance? {m['above_threshold']}\")"
 
 test: install
 	pytest -q
