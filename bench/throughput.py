@@ -16,10 +16,14 @@ numbers isolate target acquisition + student step. The stores are real files in 
 directory, written with `write_store` from random logits (contents do not change the speed).
 
 Every repeat runs every variant once, in a rotated order, so machine noise hits all alike; the
-tables give medians over repeats, and the ratios are medians of the per-repeat ratios.
+tables give medians over repeats, and the ratios are medians of the per-repeat ratios. The CPU time
+other processes take during each timing window is measured from /proc/stat: with torch's default
+one thread per core, a step of a small model can slow down ~100x while another process holds a core.
+So before each repeat the run waits for a quiet machine, and a disturbed repeat is redone, both only
+while the time budget (`--budget`) lasts; the report says how many repeats were clean.
 
-Usage: python bench/throughput.py --out BENCHMARKS.md          (what `make bench` runs)
-       python bench/throughput.py --quick --out /tmp/x.md      (smoke run, a few seconds)
+Usage: python bench/throughput.py --out BENCHMARKS.md          (what `make bench` runs; ~3.5 min quiet)
+       python bench/throughput.py --quick --out /tmp/x.md      (smoke run, ~15-25 s, no waiting)
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ TEMPERATURE = 4.0   # params.yaml distill.temperature; does not change the cost
 CHUNK_SAMPLES = 1024  # params.yaml cache.chunk_samples
 TEACHER_BATCH = 256   # params.yaml cache.batch_size: the batch the cache stage runs the teacher at
 IMAGE_POOL = 4        # distinct pre-built image batches, cycled
+QUIET = 0.25          # a repeat is clean when other processes used at most this many CPU cores in every window
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,10 @@ class Job:
     step: Callable[[], None]
     images_per_step: int
     kind: str = "distill"  # distill | floor | online | teacher
-    steps: int = 1
+    min_steps: int = 2
     rates: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    others: list[float] = field(default_factory=list)  # CPU cores other processes used, per window
 
 
 def sync(device: torch.device) -> None:
@@ -90,26 +97,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(job: Job, steps: int, device: torch.device) -> float:
-    """Seconds for `steps` steps of `job`."""
+def busy_seconds() -> tuple[float, float]:
+    """(CPU-seconds all processes spent busy, CPU-seconds this process spent), from /proc/stat and os.times.
+
+    Their difference over a window is what other processes took from the machine meanwhile.
+    """
+    ours = os.times()
+    ours_s = ours.user + ours.system
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), ours_s
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal; guest is inside user
+    return busy / os.sysconf("SC_CLK_TCK"), ours_s
+
+
+def others_now(seconds: float = 0.5) -> float:
+    """CPU cores other processes are using, sampled over `seconds` while this process sleeps."""
+    busy0, ours0 = busy_seconds()
+    time.sleep(seconds)
+    busy1, ours1 = busy_seconds()
+    return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / seconds
+
+
+def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tuple[int, float]:
+    """Run `job` until `seconds` have passed and at least `min_steps` steps are done: (steps, elapsed).
+
+    Time-bounded rather than a fixed step count, so a burst of other load on the machine cannot
+    stretch the run; a step is never cut short.
+    """
     gc.collect()
     sync(device)
+    busy0, ours0 = busy_seconds()
     start = time.perf_counter()
-    for _ in range(steps):
+    steps = 0
+    while True:
         job.step()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def calibrate(job: Job, window_s: float, min_steps: int, device: torch.device) -> None:
-    """Warm up (one untimed step), then pick the step count that fills about `window_s` seconds."""
-    job.step()
-    probe = 0
-    elapsed = 0.0
-    while elapsed < min(0.2, window_s) or probe == 0:
-        elapsed += timed(job, 1, device)
-        probe += 1
-    job.steps = max(min_steps, round(window_s / (elapsed / probe)))
+        steps += 1
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if steps >= min_steps and elapsed >= seconds:
+            busy1, ours1 = busy_seconds()
+            job.others.append(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / elapsed)
+            return steps, elapsed
 
 
 def make_stores(pair: Pair, root: Path) -> dict[str, Path]:
@@ -137,8 +168,10 @@ def disk_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device) -> tuple[list[Job], list]:
-    """The variants for one pair, sharing pre-built batches; also returns the open stores (to close)."""
+def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device, teacher_batches: tuple[int, ...]
+               ) -> tuple[list[Job], list, float]:
+    """The variants for one pair, sharing pre-built batches; also returns the open stores (to close)
+    and the mean number of store chunks one batch touches."""
     torch.manual_seed(0)
     c, h, w = pair.shape
     b = pair.batch_size
@@ -150,6 +183,7 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device) -> tupl
     order = rng.permutation(pair.num_samples)[: (pair.num_samples // b) * b].reshape(-1, b)
     samples = torch.from_numpy(order.astype(np.int64))
     views = torch.from_numpy(rng.integers(pair.num_views, size=order.shape).astype(np.int64))
+    chunks_touched = float(np.mean([len(np.unique(row // CHUNK_SAMPLES)) for row in order]))
 
     teacher = build_model(pair.teacher, c, pair.num_classes).to(device).eval()
     base_student = build_model(pair.student, c, pair.num_classes)
@@ -185,10 +219,12 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device) -> tupl
     jobs.append(Job(f"online teacher ({pair.teacher})", distill_step(online_targets(teacher, device), 1.0), b,
                     "online"))
     if pair.teacher_pass:
-        tx = torch.rand(TEACHER_BATCH, c, h, w)
-        jobs.append(Job(f"teacher forward alone, batch {TEACHER_BATCH}",
-                        lambda: teacher_forward(teacher, tx, device), TEACHER_BATCH, "teacher"))
-    return jobs, list(stores.values())
+        for tb in teacher_batches:
+            tx = torch.rand(tb, c, h, w)
+            # one step per window at least: a ResNet-18 batch of 256 takes seconds on a small CPU
+            jobs.append(Job(f"teacher forward alone, batch {tb}",
+                            lambda tx=tx: teacher_forward(teacher, tx, device), tb, "teacher", min_steps=1))
+    return jobs, list(stores.values()), chunks_touched
 
 
 def fmt_rate(x: float) -> str:
@@ -203,7 +239,17 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def pair_report(pair: Pair, jobs: list[Job], sizes: dict[str, int]) -> list[str]:
+def keep(jobs: list[Job], indices: list[int]) -> None:
+    """Keep only the given repeats' measurements (drops the warm-up window's load sample too)."""
+    for job in jobs:
+        others = job.others[-len(job.rates):]
+        job.rates = [job.rates[i] for i in indices]
+        job.steps = [job.steps[i] for i in indices]
+        job.others = [others[i] for i in indices]
+
+
+def pair_report(pair: Pair, jobs: list[Job], sizes: dict[str, int], chunks_touched: float, runs: int,
+                clean: int) -> list[str]:
     floor = next(j for j in jobs if j.kind == "floor")
     online = next(j for j in jobs if j.kind == "online")
     b = pair.batch_size
@@ -226,8 +272,21 @@ def pair_report(pair: Pair, jobs: list[Job], sizes: dict[str, int]) -> list[str]
                      f"| {ratio:.2f} | {1e3 * b / med:.2f} | "
                      f"{'-' if job is floor else f'{extra:+.2f}'} | "
                      f"{'-' if job is online else f'{speedup:.1f}x'} |")
-    steps = ", ".join(f"{j.steps}" for j in jobs if j.kind != "teacher")
-    lines += ["", f"Steps per timing window, in table order: {steps}.", ""]
+    num_chunks = -(-pair.num_samples // CHUNK_SAMPLES)
+    chunk_mb = min(CHUNK_SAMPLES, pair.num_samples) * pair.num_views * pair.num_classes * 2 / 1e6
+    chunk_note = (f"An on-disk read of one shuffled batch touches {chunks_touched:.1f} of the {num_chunks} chunks "
+                  f"on average ({chunks_touched * chunk_mb:.2f} MB of float16 logits fetched and, for zarr, "
+                  f"decompressed, for {b * pair.num_classes * 2 / 1e3:.1f} kB used).")
+    steps = ", ".join(f"{statistics.median(j.steps):g}" for j in jobs if j.kind != "teacher")
+    others = [o for j in jobs for o in j.others]
+    kept = len(floor.rates)
+    lines += ["", f"Repeats: {kept} kept of {runs} run ({clean} clean, i.e. other processes used at most {QUIET:g} "
+              f"CPU cores in each of the repeat's windows; unclean repeats are redone while time allows). "
+              f"Other processes used {statistics.median(others):.2f} CPU cores (median; max {max(others):.2f}) "
+              f"during the kept windows. Median steps per timing window, in table order: {steps}. {chunk_note}", ""]
+    if kept > clean:
+        lines += [f"**Warning: {kept - clean} of the {kept} kept repeats ran while other processes were using the "
+                  "CPU; the numbers above are distorted (rerun on a quieter machine).**", ""]
     return lines
 
 
@@ -235,20 +294,23 @@ def teacher_report(rows: list[tuple[Pair, Job]]) -> list[str]:
     if not rows:
         return []
     lines = ["### Cost of the cache stage: one teacher pass over the data", "",
-             f"`teacher_forward` alone at the cache stage's batch size ({TEACHER_BATCH}); the cache stage runs "
-             "it once per (sample, view), so N x V images. The estimate leaves out the augmentation replay "
-             "and the store writes.", "",
-             "| pair | teacher | median img/s | min - max img/s | N x V views | est. teacher time for the cache |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"`teacher_forward` alone, at batch 64 and at the cache stage's default batch size "
+             f"({TEACHER_BATCH}, params.yaml `cache.batch_size`); the cache stage runs it once per "
+             "(sample, view), so N x V images. The estimate leaves out the augmentation replay and the "
+             "store writes.", "",
+             "| pair | teacher | batch | median img/s | min - max img/s | N x V views "
+             "| est. teacher time for the cache |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for pair, job in rows:
         med = statistics.median(job.rates)
         views = pair.num_samples * pair.num_views
-        lines.append(f"| {pair.name} | `{pair.teacher}` | {fmt_rate(med)} | {fmt_rate(min(job.rates))} - "
-                     f"{fmt_rate(max(job.rates))} | {views:,} | {fmt_duration(views / med)} |")
+        lines.append(f"| {pair.name} | `{pair.teacher}` | {job.images_per_step} | {fmt_rate(med)} | "
+                     f"{fmt_rate(min(job.rates))} - {fmt_rate(max(job.rates))} | {views:,} | "
+                     f"{fmt_duration(views / med)} |")
     return lines + [""]
 
 
-def machine_lines(device: torch.device) -> list[str]:
+def machine_lines(device: torch.device, load_before: tuple, load_after: tuple) -> list[str]:
     import h5py
     import zarr
 
@@ -265,7 +327,12 @@ def machine_lines(device: torch.device) -> list[str]:
             f"- Machine: {platform.system()} {platform.machine()}, CPU {cpu}, nproc {os.cpu_count()}, "
             f"torch threads {torch.get_num_threads()}{gpu}; device `{device}`",
             f"- Software: Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-            f"zarr {zarr.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})"]
+            f"zarr {zarr.__version__}, h5py {h5py.__version__} (HDF5 {h5py.version.hdf5_version})",
+            "- Load average (1, 5, 15 min) before / after the run: "
+            f"{', '.join(f'{x:.2f}' for x in load_before)} / {', '.join(f'{x:.2f}' for x in load_after)} "
+            "(other work on the machine slows every variant, and with one torch thread per core a "
+            "small model's step can slow down a hundredfold while another process holds a core; each "
+            "pair's section says how much CPU other processes took during its timing windows)"]
 
 
 def intro_lines(repeats: int, window_s: float, quick: bool) -> list[str]:
@@ -289,12 +356,16 @@ def intro_lines(repeats: int, window_s: float, quick: bool) -> list[str]:
         "are real files in a temporary directory, written by `write_store` with random logits. Models "
         "have random weights (speed does not depend on them). Each variant is warmed up, then timed "
         f"over windows of about {window_s:g} s; every one of the {repeats} repeats times every variant "
-        "once, in a rotated order, so machine noise hits all alike. Tables give the median over repeats; "
+        "once, in a rotated order, so machine noise hits all alike. The CPU time other processes take "
+        "during each window is measured (from /proc/stat); before each repeat the benchmark waits for a "
+        "quiet machine, and a repeat that others disturbed is redone while the time budget lasts. Tables "
+        "give the median over the kept repeats; "
         "`x CE floor`, `extra ms/step` and `speed-up vs online` are medians of the per-repeat ratios or "
         "differences, which pair measurements taken seconds apart.",
         "",
         "Regenerate with `make bench`, i.e. `.venv/bin/python bench/throughput.py --out BENCHMARKS.md` "
-        "(`--repeats N`, default 5; `--quick` for a short smoke run).",
+        "(`--repeats N`, default 5; `--quick` for a short smoke run; `--threads N` to override torch's "
+        "thread count).",
         "",
         "## Machine",
         "",
@@ -311,42 +382,65 @@ def intro_lines(repeats: int, window_s: float, quick: bool) -> list[str]:
 @click.option("--window", "window_s", type=float, default=None,
               help="Seconds per timing window (default 1.5, or 0.05 with --quick).")
 @click.option("--device", "device_name", default="cpu", show_default=True, help="cpu | cuda | auto.")
-def main(out_path, repeats, quick, window_s, device_name):
+@click.option("--budget", type=float, default=None,
+              help="Seconds after which disturbed repeats are no longer redone (default 360, or 0 with --quick).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch.set_num_threads; default: leave torch's default (one per core).")
+def main(out_path, repeats, quick, window_s, device_name, budget, threads):
     """Measure distill-step throughput (CE floor, zarr/HDF5 stores, online teacher) and write markdown."""
     device = resolve_device(device_name)
+    if threads:
+        torch.set_num_threads(threads)
     if quick:
         repeats = 1 if click.get_current_context().get_parameter_source("repeats").name == "DEFAULT" else repeats
     window_s = window_s if window_s is not None else (0.05 if quick else 1.5)
-    min_steps = 1 if quick else 2
+    budget = budget if budget is not None else (0.0 if quick else 360.0)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     sections: list[str] = []
     teacher_rows: list[tuple[Pair, Job]] = []
-    for pair in pairs_for(quick):
+    pairs = pairs_for(quick)
+    for p_index, pair in enumerate(pairs):
         click.echo(f"[{time.perf_counter() - started:6.1f}s] pair {pair.name}: writing stores", err=True)
         with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
             paths = make_stores(pair, Path(tmp))
             sizes = {fmt: disk_bytes(p) for fmt, p in paths.items()}
-            jobs, stores = build_jobs(pair, paths, device)
-            for job in jobs:
-                # the teacher pass gets one step per window: a ResNet-18 batch of 256 takes seconds on CPU
-                calibrate(job, window_s, 1 if job.kind == "teacher" else min_steps, device)
-                click.echo(f"[{time.perf_counter() - started:6.1f}s]   calibrated {job.name}: "
-                           f"{job.steps} steps/window", err=True)
-            for r in range(repeats):
-                shift = r % len(jobs)
+            jobs, stores, chunks_touched = build_jobs(pair, paths, device, (64,) if quick else (64, TEACHER_BATCH))
+            for job in jobs:  # warm-up: first-call allocations, Adam state, store handles
+                if quick:
+                    job.min_steps = 1
+                window(job, min(0.3, window_s), 1, device)
+            click.echo(f"[{time.perf_counter() - started:6.1f}s]   warmed up", err=True)
+            # share what is left of the budget among the pairs still to run; while it lasts, wait for a quiet
+            # machine before each repeat and redo repeats that other processes disturbed
+            deadline = time.perf_counter() + (started + budget - time.perf_counter()) / (len(pairs) - p_index)
+            clean, runs = [], 0
+            while len(clean) < repeats and (runs < repeats or time.perf_counter() < deadline):
+                while time.perf_counter() < deadline and others_now() > QUIET:
+                    time.sleep(2)
+                shift = runs % len(jobs)
                 for job in jobs[shift:] + jobs[:shift]:
-                    job.rates.append(job.steps * job.images_per_step / timed(job, job.steps, device))
-                click.echo(f"[{time.perf_counter() - started:6.1f}s]   repeat {r + 1}/{repeats} done", err=True)
+                    steps, elapsed = window(job, window_s, job.min_steps, device)
+                    job.steps.append(steps)
+                    job.rates.append(steps * job.images_per_step / elapsed)
+                worst = max(job.others[-1] for job in jobs)
+                if worst <= QUIET:
+                    clean.append(runs)
+                runs += 1
+                click.echo(f"[{time.perf_counter() - started:6.1f}s]   repeat {runs}: other processes used up to "
+                           f"{worst:.2f} cores; {len(clean)}/{repeats} clean", err=True)
+            # the clean repeats when there are enough of them for a median, else all of them
+            keep(jobs, clean[:repeats] if len(clean) >= min(repeats, 3) else list(range(runs)))
             for store in stores:
                 if store.format == "hdf5":
                     store._file.close()
             del stores
-        sections += pair_report(pair, jobs, sizes)
+        sections += pair_report(pair, jobs, sizes, chunks_touched, runs, min(len(clean), len(jobs[0].rates)))
         teacher_rows += [(pair, j) for j in jobs if j.kind == "teacher"]
         for job in jobs:
             click.echo(f"  {job.name:40s} median {statistics.median(job.rates):10.1f} img/s", err=True)
     total = time.perf_counter() - started
-    lines = intro_lines(repeats, window_s, quick) + machine_lines(device) + [
+    lines = intro_lines(repeats, window_s, quick) + machine_lines(device, load_before, os.getloadavg()) + [
         f"- Run: {repeats} repeats, about {window_s:g} s per timing window, {fmt_duration(total)} in all", "",
         "## Results", ""] + sections + teacher_report(teacher_rows)
     Path(out_path).write_text("\n".join(lines).rstrip() + "\n")
