@@ -45,10 +45,9 @@ import click
 import numpy as np
 import torch
 
-from pipeline.loss import kd_loss
 from pipeline.models import build_model, resolve_device
 from pipeline.store import LogitStore, StoreMeta, write_store
-from pipeline.train import make_optimizer, online_targets, store_targets, teacher_forward
+from pipeline.train import distill_step, make_optimizer, online_targets, store_targets, teacher_forward
 
 TEMPERATURE = 4.0   # params.yaml distill.temperature; does not change the cost
 CHUNK_SAMPLES = 1024  # params.yaml cache.chunk_samples
@@ -188,7 +187,7 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device, teacher
     teacher = build_model(pair.teacher, c, pair.num_classes).to(device).eval()
     base_student = build_model(pair.student, c, pair.num_classes)
 
-    def distill_step(targets, kd_weight: float) -> Callable[[], None]:
+    def step_runner(targets, kd_weight: float) -> Callable[[], None]:
         student = copy.deepcopy(base_student).to(device).train()
         optimizer, _ = make_optimizer(student, lr=1e-3, weight_decay=1e-4)
         counter = iter(range(sys.maxsize))
@@ -197,13 +196,7 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device, teacher
             k = next(counter)
             x, y = images[k % IMAGE_POOL], labels[k % IMAGE_POOL]
             s, v = samples[k % len(samples)], views[k % len(views)]
-            teacher_logits = targets(x, s, v).to(device) if kd_weight else None
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = student(x)
-            loss = kd_loss(logits, teacher_logits, y, TEMPERATURE, kd_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, _ = distill_step(student, optimizer, targets, x, y, s, v, TEMPERATURE, kd_weight, device)
             loss.item()
 
         return step
@@ -213,10 +206,10 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device, teacher
     for (fmt, where), store in stores.items():
         assert store.in_memory == (where == "in-memory"), (fmt, where)
 
-    jobs = [Job("CE only, no teacher (floor)", distill_step(None, 0.0), b, "floor")]
+    jobs = [Job("CE only, no teacher (floor)", step_runner(None, 0.0), b, "floor")]
     for (fmt, where), store in stores.items():
-        jobs.append(Job(f"{fmt} store, {where}", distill_step(store_targets(store), 1.0), b))
-    jobs.append(Job(f"online teacher ({pair.teacher})", distill_step(online_targets(teacher, device), 1.0), b,
+        jobs.append(Job(f"{fmt} store, {where}", step_runner(store_targets(store), 1.0), b))
+    jobs.append(Job(f"online teacher ({pair.teacher})", step_runner(online_targets(teacher, device), 1.0), b,
                     "online"))
     if pair.teacher_pass:
         for tb in teacher_batches:

@@ -108,6 +108,20 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, epochs:
     return model.eval()
 
 
+def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tensor, y: torch.Tensor,
+                 samples: torch.Tensor, views: torch.Tensor, temperature: float, kd_weight: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits)."""
+    teacher_logits = targets(x, samples, views).to(device) if kd_weight else None
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits = student(x)
+    loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, replay_seed: int,
             num_views: int, *, temperature: float, kd_weight: float, view_schedule: str, epochs: int,
             batch_size: int, lr: float, betas, weight_decay: float, lr_milestones: list[int],
@@ -129,13 +143,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
         loader = DataLoader(dataset, sampler=pairs, batch_size=batch_size, num_workers=num_workers)
         loss_sum = correct = seen = 0
         for x, y, samples, views in loader:
-            teacher_logits = targets(x, samples, views).to(device) if kd_weight else None
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = student(x)
-            loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = distill_step(student, optimizer, targets, x, y, samples, views, temperature, kd_weight,
+                                        device)
+            y = y.to(device)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
