@@ -38,7 +38,6 @@ class Dataset:
 
 def load_dataset(params: DataParams) -> Dataset:
     """Load `params.name` and split it, stratified, with `params.split_seed` (same seed, same split)."""
-    seed = params.split_seed
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -46,6 +45,7 @@ def load_dataset(params: DataParams) -> Dataset:
     images = (digits.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8), pixel values 0..16
     labels = digits.target.astype(np.int64)
     index = np.arange(len(labels))
+    seed = params.split_seed
     rest, test = train_test_split(index, test_size=params.test_fraction, stratify=labels, random_state=seed)
     val_size = params.val_fraction / (1 - params.test_fraction)
     train, val = train_test_split(rest, test_size=val_size, stratify=labels[rest], random_state=seed)

@@ -16,8 +16,9 @@ from typing import Any, Optional
 import yaml
 
 from pipeline import KDError
+from pipeline.models import ARCHITECTURES
 
-ARCHS = ("cnn", "tiny_cnn", "mlp", "resnet18")
+ARCHS = tuple(ARCHITECTURES)
 
 
 class ParamsError(KDError):

@@ -14,10 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.data import Split
+from pipeline.data import Split, fingerprint
 from pipeline.loss import kd_loss
-from pipeline.replay import ReplayDataset, epoch_pairs
-from pipeline.store import LogitStore
+from pipeline.models import weights_fingerprint
+from pipeline.replay import ReplayDataset, build_augment, epoch_pairs
+from pipeline.store import LogitStore, StoreMeta, write_store
 
 Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochLog = Callable[[int, dict], None]
@@ -52,6 +53,19 @@ def teacher_logit_blocks(teacher: nn.Module, images: torch.Tensor, transform, se
                 block[i.numpy() - start, v.numpy()] = logits
                 bar.update(len(x))
             yield start, block
+
+
+def cache_teacher_logits(path, fmt: str, dtype: str, teacher: nn.Module, teacher_arch: str, train: Split,
+                         num_classes: int, augment: list, seed: int, num_views: int, batch_size: int,
+                         chunk_samples: int, device: torch.device) -> StoreMeta:
+    """Run `teacher` over every (sample, view) of `train` and write the complete store at `path`."""
+    meta = StoreMeta(num_samples=len(train), num_views=num_views, num_classes=num_classes, augment=augment,
+                     seed=seed, dtype=dtype, teacher_arch=teacher_arch,
+                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
+    blocks = teacher_logit_blocks(teacher.to(device), train.images, build_augment(augment), seed, num_views,
+                                  batch_size, chunk_samples, device)
+    write_store(path, fmt, meta, train.labels.numpy(), blocks, chunk_samples)
+    return meta
 
 
 def store_targets(store: LogitStore) -> Targets:

@@ -14,22 +14,15 @@ from stages.common import device_option, params_option, setup, stage
 @stage
 def cache(params_path, device, teacher_path, out):
     """Write the teacher's logits for cache.num_views replayed views of each training sample to OUT."""
-    from pipeline.data import fingerprint, load_dataset
-    from pipeline.models import load_checkpoint, weights_fingerprint
-    from pipeline.replay import build_augment
-    from pipeline.store import LogitStore, StoreMeta, write_store
-    from pipeline.train import teacher_logit_blocks
+    from pipeline.data import load_dataset
+    from pipeline.models import load_checkpoint
+    from pipeline.train import cache_teacher_logits
 
     params, device = setup(params_path, device)
     data = load_dataset(params.data)
     teacher, ckpt = load_checkpoint(teacher_path)
     cfg = params.cache
-    meta = StoreMeta(num_samples=len(data.train), num_views=cfg.num_views, num_classes=data.num_classes,
-                     augment=params.augment, seed=cfg.seed, dtype=cfg.dtype, teacher_arch=ckpt["arch"],
-                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train))
-    blocks = teacher_logit_blocks(teacher.to(device), data.train.images, build_augment(params.augment), cfg.seed,
-                                  cfg.num_views, cfg.batch_size, cfg.chunk_samples, device)
-    write_store(out, cfg.format, meta, data.train.labels.numpy(), blocks, cfg.chunk_samples)
-    store = LogitStore(out)
-    click.echo(f"Wrote {out} ({store.format}): {meta.num_samples} samples x {meta.num_views} views x "
+    meta = cache_teacher_logits(out, cfg.format, cfg.dtype, teacher, ckpt["arch"], data.train, data.num_classes,
+                                params.augment, cfg.seed, cfg.num_views, cfg.batch_size, cfg.chunk_samples, device)
+    click.echo(f"Wrote {out} ({cfg.format}): {meta.num_samples} samples x {meta.num_views} views x "
                f"{meta.num_classes} classes, {meta.dtype}")

@@ -8,12 +8,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import Split, fingerprint, load_dataset
-from pipeline.models import build_model, save_checkpoint, weights_fingerprint
+from pipeline.data import Split, load_dataset
+from pipeline.models import build_model, save_checkpoint
 from pipeline.params import load_params
 from pipeline.replay import build_augment
-from pipeline.store import StoreMeta, write_store
-from pipeline.train import teacher_logit_blocks, train_teacher
+from pipeline.train import cache_teacher_logits, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,11 +73,7 @@ def teacher_path(teacher, tmp_path_factory) -> Path:
 
 def make_store(path: Path, fmt: str, dtype: str, teacher, split: Split, num_views: int = 3, seed: int = 7,
                augment=AUGMENT, chunk_samples: int = 32) -> Path:
-    """Write a real store of `fmt` by running `teacher` over `split` exactly as `kd cache` does."""
-    meta = StoreMeta(num_samples=len(split), num_views=num_views, num_classes=10, augment=augment, seed=seed,
-                     dtype=dtype, teacher_arch="cnn", teacher_fingerprint=weights_fingerprint(teacher),
-                     dataset_fingerprint=fingerprint(split))
-    blocks = teacher_logit_blocks(teacher, split.images, build_augment(augment), seed, num_views,
-                                  batch_size=40, block_samples=chunk_samples, device=torch.device("cpu"))
-    write_store(path, fmt, meta, split.labels.numpy(), blocks, chunk_samples)
+    """Write a real store of `fmt` by running `teacher` over `split`, with the function `kd cache` calls."""
+    cache_teacher_logits(path, fmt, dtype, teacher, "cnn", split, 10, augment, seed, num_views, batch_size=40,
+                         chunk_samples=chunk_samples, device=torch.device("cpu"))
     return path
