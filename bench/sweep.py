@@ -1,18 +1,22 @@
 """Choose T, λ and the student on the *validation* split: grid over (student, T, λ) x seeds.
 
-Uses the teacher and store that `dvc repro cache` wrote. The test split is never read.
-Usage: python bench/sweep.py --students tiny_cnn -T 2 -T 4 -l 0 -l 0.5 -l 2 --seeds 0 --seeds 1 --seeds 2
+Uses a teacher and the store `kd cache` wrote from it. The test split is never read unless
+`--report-test` is given (only to report settings already chosen, never to choose them).
+Usage: python bench/sweep.py --params params.yaml --cache cache/teacher_logits.zarr -T 2 -T 4 -l 0 -l 0.5 \
+           --seeds 0 --seeds 1 --seeds 2 [--epochs N] [--out results.jsonl]
 """
 
+import dataclasses
 import itertools
 import json
 import statistics
 import sys
+import time
 
 import click
 import torch
 
-from pipeline.data import load_dataset
+from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
 from pipeline.replay import build_augment
@@ -23,11 +27,11 @@ from pipeline.train import accuracy, distill, store_targets
 @click.command()
 @click.option("--params", "params_path", default="params.yaml")
 @click.option("--cache", "cache_path", default="cache/teacher_logits.zarr")
-@click.option("--students", multiple=True, default=["tiny_cnn"])
+@click.option("--students", multiple=True, default=None, help="Default: distill.student.")
 @click.option("--temperatures", "-T", multiple=True, type=float, default=[4.0])
 @click.option("--kd-weights", "-l", multiple=True, type=float, default=[0.0, 1.0])
 @click.option("--seeds", multiple=True, type=int, default=[0, 1, 2])
-@click.option("--epochs", type=int, default=None)
+@click.option("--epochs", type=int, default=None, help="Default: distill.epochs (milestones kept as given).")
 @click.option("--threads", type=int, default=1)
 @click.option("--out", default=None, help="Append JSON lines here.")
 @click.option("--report-test", is_flag=True,
@@ -35,26 +39,30 @@ from pipeline.train import accuracy, distill, store_targets
 def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epochs, threads, out, report_test):
     torch.set_num_threads(threads)
     p = load_params(params_path)
-    d = p.distill
+    cfg = p.distill if epochs is None else dataclasses.replace(p.distill, epochs=epochs)
     data = load_dataset(p.data)
     store = LogitStore(cache_path)
-    transform = build_augment(store.meta.augment)
-    for student_name, T, lam in itertools.product(students, temperatures, kd_weights):
+    meta = store.meta
+    transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
+    eval_transform = input_transform(None, meta.mean, meta.std)
+    cpu = torch.device("cpu")
+    c, size = data.image_shape[0], data.image_shape[-1]
+    for student_name, T, lam in itertools.product(students or [cfg.student], temperatures, kd_weights):
         if lam == 0 and T != temperatures[0]:
             continue  # the baseline does not depend on T
-        accs, test_accs = [], []
+        run = dataclasses.replace(cfg, student=student_name, temperature=T, kd_weight=lam)
+        accs, test_accs, started = [], [], time.time()
         for seed in seeds:
-            student = build_model(student_name, data.image_shape[0], data.num_classes, seed=seed)
-            distill(student, data.train, data.val, store_targets(store), transform, store.meta.seed,
-                    store.meta.num_views, temperature=T, kd_weight=lam, view_schedule=d.view_schedule,
-                    epochs=epochs or d.epochs, batch_size=d.batch_size, lr=d.lr, betas=d.betas,
-                    weight_decay=d.weight_decay, lr_milestones=d.lr_milestones, lr_factors=d.lr_factors,
-                    seed=seed, device=torch.device("cpu"))
-            accs.append(accuracy(student, data.val, torch.device("cpu")))
+            student = build_model(student_name, c, data.num_classes, cfg.student_options, size, seed=seed)
+            distill(student, data.train, data.val, store_targets(store), transform, eval_transform, meta.seed,
+                    meta.num_views, run, kd_weight=lam, seed=seed, device=cpu, num_workers=p.num_workers)
+            accs.append(accuracy(student, data.val, eval_transform, cpu))
             if report_test:
-                test_accs.append(accuracy(student, data.test, torch.device("cpu")))
-        row = {"student": student_name, "T": T, "kd_weight": lam, "val_acc_mean": statistics.mean(accs),
-               "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "val_accs": accs}
+                test_accs.append(accuracy(student, data.test, eval_transform, cpu))
+        row = {"student": student_name, "T": T, "kd_weight": lam, "ce_weight": cfg.ce_weight, "epochs": cfg.epochs,
+               "seeds": list(seeds), "val_acc_mean": statistics.mean(accs),
+               "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "val_accs": accs,
+               "seconds": round(time.time() - started, 1)}
         if report_test:
             row.update(test_acc_mean=statistics.mean(test_accs), test_accs=test_accs,
                        test_acc_std=statistics.stdev(test_accs) if len(test_accs) > 1 else 0.0)

@@ -46,9 +46,12 @@ import numpy as np
 import torch
 
 from pipeline.models import build_model, resolve_device
+from pipeline.params import OptimParams
 from pipeline.store import LogitStore, StoreMeta, write_store
 from pipeline.train import distill_step, make_optimizer, online_targets, store_targets, teacher_forward
 
+ADAM = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=1e-4,
+                   schedule="step", lr_milestones=[], lr_factors=[])  # the origin's optimizer
 TEMPERATURE = 4.0   # params.yaml distill.temperature; does not change the cost
 CHUNK_SAMPLES = 1024  # params.yaml cache.chunk_samples
 TEACHER_BATCH = 256   # params.yaml cache.batch_size: the batch the cache stage runs the teacher at
@@ -145,7 +148,7 @@ def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tu
 def make_stores(pair: Pair, root: Path) -> dict[str, Path]:
     """Write a zarr and an HDF5 store (float16, random logits) of the pair's shape; return their paths."""
     meta = StoreMeta(num_samples=pair.num_samples, num_views=pair.num_views, num_classes=pair.num_classes,
-                     augment=[], seed=0, dtype="float16", teacher_arch=pair.teacher,
+                     augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", teacher_arch=pair.teacher,
                      teacher_fingerprint="bench", dataset_fingerprint="bench")
     rng = np.random.default_rng(0)
     labels = rng.integers(pair.num_classes, size=pair.num_samples)
@@ -184,12 +187,12 @@ def build_jobs(pair: Pair, paths: dict[str, Path], device: torch.device, teacher
     views = torch.from_numpy(rng.integers(pair.num_views, size=order.shape).astype(np.int64))
     chunks_touched = float(np.mean([len(np.unique(row // CHUNK_SAMPLES)) for row in order]))
 
-    teacher = build_model(pair.teacher, c, pair.num_classes).to(device).eval()
-    base_student = build_model(pair.student, c, pair.num_classes)
+    teacher = build_model(pair.teacher, c, pair.num_classes, image_size=h).to(device).eval()
+    base_student = build_model(pair.student, c, pair.num_classes, image_size=h)
 
     def step_runner(targets, kd_weight: float) -> Callable[[], None]:
         student = copy.deepcopy(base_student).to(device).train()
-        optimizer, _ = make_optimizer(student, lr=1e-3, weight_decay=1e-4)
+        optimizer, _ = make_optimizer(student, ADAM, epochs=1)
         counter = iter(range(sys.maxsize))
 
         def step() -> None:  # the body of distill's batch loop

@@ -1,27 +1,52 @@
-"""The dataset and its fixed, seeded train/validation/test split.
+"""The dataset, its fixed seeded train/validation/test split, and the input transforms.
 
-Images are float32 tensors of shape (N, C, H, W) with values in [0, 1]; labels are int64 (N,).
-Sample index i in the cache and in distillation always means row i of the *training* split.
+Images stay uint8 `(C, H, W)` until the transform: in memory as one `(N, C, H, W)` tensor, or as
+`ImageFiles` decoded lazily per sample (image folders). The input a model sees is
+
+    to_float (x / 255)  ->  augmentation (training views only)  ->  Normalize(mean, std)
+
+the same for teacher, cache, student and evaluation. Sample index i in the cache and in
+distillation always means row i of the *training* split. The test split is only read by
+`kd evaluate`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from pipeline import KDError
 from pipeline.params import DataParams
+from pipeline.sources import ImageFiles, fingerprint_images, load_source
+
+# Per-dataset channel statistics for `data.normalize: auto` (computed on each training set).
+NORMALIZE = {
+    "digits": ((0.0,), (1.0,)),  # as the pipeline always used it: pixel values in [0, 1]
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+}
+
+Images = "torch.Tensor | ImageFiles"
 
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    images: Images  # uint8: (N, C, H, W) tensor, or ImageFiles; images[i] is (C, H, W)
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, rows) -> "Split":
+        rows = np.asarray(rows, dtype=np.int64)
+        images = self.images[torch.from_numpy(rows)] if isinstance(self.images, torch.Tensor) \
+            else self.images.subset(rows)
+        return Split(images, self.labels[torch.from_numpy(rows)])
 
 
 @dataclass(frozen=True)
@@ -30,36 +55,95 @@ class Dataset:
     val: Split
     test: Split
     num_classes: int
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
+        return tuple(self.train.images[0].shape)
 
 
 def load_dataset(params: DataParams) -> Dataset:
-    """Load `params.name` and split it, stratified, with `params.split_seed` (same seed, same split)."""
-    from sklearn.datasets import load_digits
+    """Load `params.name` from `params.root` and split it, stratified and seeded (same seed, same split).
+
+    Sources with a test split keep it as the test split and carve `val_fraction` of their training
+    set for validation; sources without one (digits, an image folder without `test/`) first hold out
+    `test_fraction` of all samples. `train_subset` keeps that many training samples (stratified).
+    """
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()  # ships inside scikit-learn: no download
-    images = (digits.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8), pixel values 0..16
-    labels = digits.target.astype(np.int64)
-    index = np.arange(len(labels))
+    source = load_source(params.name, params.root, params.image_size)
+    everything = Split(source.train_images, torch.as_tensor(source.train_labels, dtype=torch.int64))
+    labels = everything.labels.numpy()
     seed = params.split_seed
-    rest, test = train_test_split(index, test_size=params.test_fraction, stratify=labels, random_state=seed)
-    val_size = params.val_fraction / (1 - params.test_fraction)
-    train, val = train_test_split(rest, test_size=val_size, stratify=labels[rest], random_state=seed)
+    index = np.arange(len(labels))
+    try:
+        if source.test_images is None:
+            index, test_rows = train_test_split(index, test_size=params.test_fraction, stratify=labels,
+                                                random_state=seed)
+            test = everything.subset(np.sort(test_rows))
+        else:
+            test = Split(source.test_images, torch.as_tensor(source.test_labels, dtype=torch.int64))
+        train_rows, val_rows = train_test_split(index, test_size=params.val_fraction, stratify=labels[index],
+                                                random_state=seed)
+        if params.train_subset is not None and params.train_subset < len(train_rows):
+            train_rows, _ = train_test_split(train_rows, train_size=params.train_subset,
+                                             stratify=labels[train_rows], random_state=seed)
+    except ValueError as e:  # e.g. a class with a single sample cannot be stratified
+        raise KDError(f"data: cannot split {params.name} at {params.root} with val_fraction "
+                      f"{params.val_fraction}, test_fraction {params.test_fraction}, train_subset "
+                      f"{params.train_subset}: {e}") from None
+    mean, std = normalization(params, source.train_images[0].shape[0])
+    return Dataset(everything.subset(np.sort(train_rows)), everything.subset(np.sort(val_rows)), test,
+                   num_classes=len(source.classes), classes=list(source.classes), mean=mean, std=std)
 
-    def split(rows: np.ndarray) -> Split:
-        return Split(torch.from_numpy(images[rows].copy()), torch.from_numpy(labels[rows].copy()))
 
-    return Dataset(split(train), split(val), split(test), num_classes=int(labels.max()) + 1)
+def normalization(params: DataParams, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel from `data.normalize`: auto (per data set), none, or given values."""
+    if params.normalize == "auto":
+        mean, std = NORMALIZE[params.name]
+    elif params.normalize == "none":
+        mean, std = (0.0,), (1.0,)
+    else:
+        mean, std = tuple(params.normalize["mean"]), tuple(params.normalize["std"])
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels:
+        raise KDError(f"data.normalize has {len(mean)} values per statistic; the images have {channels} channels")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def input_transform(augment, mean, std):
+    """uint8 (C, H, W) -> float input: to [0, 1], then `augment` (a v2 transform or None), then Normalize."""
+    from torchvision.transforms import v2
+
+    steps = [v2.ToDtype(torch.float32, scale=True)]
+    if augment is not None:
+        steps.append(augment)
+    steps.append(v2.Normalize(list(mean), list(std)))
+    return v2.Compose(steps)
 
 
 def fingerprint(split: Split) -> str:
-    """SHA-256 of a split's images and labels (values, shape and order): names the data a store was made from."""
-    h = hashlib.sha256()
-    for t in (split.images, split.labels):
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().numpy().tobytes())
+    """SHA-256 naming a split: its images' contents and order (file bytes for image folders) and labels."""
+    import hashlib
+
+    h = hashlib.sha256(fingerprint_images(split.images).encode())
+    labels = split.labels.contiguous().numpy()
+    h.update(str(labels.shape).encode())
+    h.update(labels.tobytes())
     return h.hexdigest()
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """`split[i]` through a deterministic transform (evaluation): yields `(input, label)`."""
+
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.split.images[i]), self.split.labels[i]

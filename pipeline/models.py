@@ -1,19 +1,25 @@
 """Teacher and student architectures, and their checkpoints.
 
-Every model maps images (N, C, H, W) to raw logits (N, num_classes). A checkpoint is a plain dict
-`{"arch", "num_classes", "in_channels", "state_dict"}`, loadable with `weights_only=True`, so a
-model can be rebuilt from the file alone.
+Every model maps images (N, C, H, W) to raw logits (N, num_classes). `ARCHITECTURES` maps each of our
+names to a constructor `(in_channels, num_classes, **options)`; any torchvision classification model
+name is accepted too. A checkpoint is a plain dict `{"arch", "options", "image_size", "in_channels",
+"num_classes", "state_dict"}`, loadable with `weights_only=True`, so a model can be rebuilt from the file alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline import KDError
+from pipeline.cifar_models import CIFAR_ARCHITECTURES
 
 
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -47,53 +53,144 @@ class TinyCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Student MLP: pooled to 8x8, one hidden layer of 64 units."""
+    """Fully connected net on the flattened image: dropout(input_dropout), then per hidden size
+    Linear -> ReLU -> dropout(dropout), then Linear to the logits. Hinton et al. 2015's MNIST teacher is
+    hidden_sizes=[1200, 1200], dropout=0.5, input_dropout=0.2; their student is hidden_sizes=[800, 800].
+    Dropout layers are there even at p=0, so parameter names depend on hidden_sizes only."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden_sizes: Sequence[int] = (64,),
+                 dropout: float = 0.0, input_dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(in_channels * 64, 64), nn.ReLU(),
-                                 nn.Linear(64, num_classes))
+        layers, width = [nn.Flatten(), nn.Dropout(input_dropout)], in_channels * image_size * image_size
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def _resnet18(in_channels: int, num_classes: int) -> nn.Module:
-    """torchvision's ResNet-18 with a CIFAR-style stem (3x3 conv, no max-pool) for small images."""
-    from torchvision.models import resnet18
+def torchvision_model(name: str, in_channels: int, num_classes: int, image_size: int | None = None,
+                      **options) -> nn.Module:
+    """`torchvision.models.get_model(name, weights=None, num_classes=..., **options)`: freshly initialised,
+    never downloaded, with its stem fitted to the input by `_adapt_stem`."""
+    import torchvision
 
-    model = resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
+    return _adapt_stem(model, in_channels, small=image_size is None or image_size <= 64)
+
+
+def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> nn.Module:
+    """Fit a torchvision model's stem (its first Conv2d) to `in_channels`. For small images (the CIFAR
+    recipe) the stem also becomes a 3x3 stride-1 conv and a MaxPool2d right after it (ResNet's `maxpool`,
+    before any other conv) becomes Identity: the stem no longer downsamples. The stem is re-initialised only
+    if it changes, so at in_channels 3 and image_size > 64 the model is torchvision's own."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d))]
+    first = next(i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Conv2d))
+    name, conv = layers[first]
+    geometry = ((3, 3), (1, 1), (1, 1)) if small else (conv.kernel_size, conv.stride, conv.padding)
+    if conv.in_channels != in_channels or geometry != (conv.kernel_size, conv.stride, conv.padding):
+        model.set_submodule(name, nn.Conv2d(in_channels, conv.out_channels, *geometry, bias=conv.bias is not None))
+    if small and first + 1 < len(layers) and isinstance(layers[first + 1][1], nn.MaxPool2d):
+        model.set_submodule(layers[first + 1][0], nn.Identity())
     return model
 
 
-ARCHITECTURES = {"cnn": CNN, "tiny_cnn": TinyCNN, "mlp": MLP, "resnet18": _resnet18}
+ARCHITECTURES = {
+    "cnn": CNN,
+    "tiny_cnn": TinyCNN,
+    "mlp": MLP,
+    "resnet18": functools.partial(torchvision_model, "resnet18"),  # as any torchvision name; listed as a default
+    **CIFAR_ARCHITECTURES,
+}
+
+# build_model's own arguments: never options.
+_RESERVED = ("in_channels", "num_classes", "image_size", "weights")
 
 
-def build_model(arch: str, in_channels: int, num_classes: int, seed: int | None = None) -> nn.Module:
-    """A fresh model; with `seed`, its initial weights are a function of the seed (global RNG untouched)."""
-    if arch not in ARCHITECTURES:
-        raise KDError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    if seed is None:
-        return ARCHITECTURES[arch](in_channels, num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ARCHITECTURES[arch](in_channels, num_classes)
+@functools.cache
+def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: int, path: str | Path) -> None:
-    """Write the checkpoint atomically (temp file, then rename), so a crash never leaves a partial file."""
+def _constructor(arch: str):
+    """ARCHITECTURES[arch], or the torchvision path for a torchvision classification name, or None."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    return functools.partial(torchvision_model, arch) if arch in _torchvision_names() else None
+
+
+def _option_names(constructor) -> list[str] | None:
+    """The options a constructor takes beyond in_channels, num_classes, image_size; None if it takes any."""
+    params = inspect.signature(constructor).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [name for name in params if name not in _RESERVED]
+
+
+def arch_error(arch: str, options: dict | None) -> str | None:
+    """None when `arch` names an architecture that takes these option keys, else why not. Builds nothing:
+    for torchvision names only the name is checked (torchvision itself judges their options)."""
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        return f"options for architecture {arch!r} must be a mapping of option name to value, got {options!r}"
+    constructor = _constructor(arch)
+    if constructor is None:
+        return (f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}, "
+                "or any torchvision classification model name (torchvision.models.list_models())")
+    allowed = _option_names(constructor)
+    unknown = sorted(key for key in options if key in _RESERVED or (allowed is not None and key not in allowed))
+    if not unknown:
+        return None
+    described = "those torchvision accepts" if allowed is None else ", ".join(allowed) or "none"
+    return f"architecture {arch!r} has no option {', '.join(map(repr, unknown))}; its options are: {described}"
+
+
+def build_model(arch: str, in_channels: int, num_classes: int, options: dict | None = None,
+                image_size: int | None = None, seed: int | None = None) -> nn.Module:
+    """A fresh `arch` model for (N, in_channels, image_size, image_size) inputs and `num_classes` logits.
+
+    `options` are the architecture's keyword options (see `arch_error`). `mlp` needs `image_size`; a
+    torchvision model keeps its own stem only when `image_size` is given and > 64 (None keeps the small-image
+    stem every `resnet18` had before image sizes were recorded). With `seed`, the initial weights are a
+    function of the seed alone (the global RNG is untouched)."""
+    error = arch_error(arch, options)
+    if error:
+        raise KDError(error)
+    constructor, kwargs = _constructor(arch), dict(options or {})
+    params = inspect.signature(constructor).parameters
+    if "image_size" in params:
+        if image_size is None and params["image_size"].default is inspect.Parameter.empty:
+            raise KDError(f"architecture {arch!r} needs image_size (the input's side length)")
+        kwargs["image_size"] = image_size
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            return constructor(in_channels, num_classes, **kwargs)
+        except (TypeError, ValueError) as e:  # a bad option value, or an option torchvision rejects
+            raise KDError(f"architecture {arch!r} cannot be built with options {options or {}}: {e}") from None
+
+
+def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: int, path: str | Path,
+                    options: dict | None = None, image_size: int | None = None) -> None:
+    """Write the checkpoint atomically (temp file, then rename), so a crash never leaves a partial file.
+    `arch`, `options` and `image_size` are those the model was built with, so `load_checkpoint` can rebuild it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"arch": arch, "in_channels": in_channels, "num_classes": num_classes, "state_dict": state}, tmp)
+    torch.save({"arch": arch, "options": dict(options or {}), "image_size": image_size, "in_channels": in_channels,
+                "num_classes": num_classes, "state_dict": state}, tmp)
     tmp.replace(path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model saved at `path`, in eval mode on CPU; return (model, checkpoint dict)."""
+    """Rebuild the model saved at `path`, in eval mode on CPU; return (model, checkpoint dict).
+    Checkpoints from before options and image sizes were recorded load as options {} and image_size None."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"{path}: checkpoint not found")
@@ -106,7 +203,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise KDError(f"{path}: checkpoint must be a dict with keys {sorted(expected)}, found {found}; "
                       "save it as {'arch': ..., 'in_channels': ..., 'num_classes': ..., 'state_dict': model.state_dict()}")
-    model = build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"])
+    try:
+        model = build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"], ckpt.get("options") or {},
+                            ckpt.get("image_size"))
+    except KDError as e:
+        raise KDError(f"{path}: {e}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

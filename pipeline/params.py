@@ -2,23 +2,22 @@
 
 Every key is required, an unknown key is an error (with the closest valid key as a hint),
 and every value is type-checked, so a typo in `dvc exp run -S ...` fails loudly instead of
-silently falling back to a default.
+silently falling back to a default. Value rules are checked together and reported at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
 from pipeline import KDError
-from pipeline.models import ARCHITECTURES
-
-ARCHS = tuple(ARCHITECTURES)
+from pipeline.sources import SOURCES
 
 
 class ParamsError(KDError):
@@ -28,18 +27,36 @@ class ParamsError(KDError):
 @dataclasses.dataclass(frozen=True)
 class DataParams:
     name: str
+    root: str
+    image_size: Optional[int]
+    normalize: Union[str, dict]
     split_seed: int
     val_fraction: float
     test_fraction: float
+    train_subset: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimParams:
+    name: str
+    lr: float
+    betas: list[float]
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str
+    lr_milestones: list[int]
+    lr_factors: list[float]
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherParams:
     checkpoint: Optional[str]
     arch: str
+    arch_options: dict
     epochs: int
     batch_size: int
-    lr: float
+    optimizer: OptimParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +72,15 @@ class CacheParams:
 @dataclasses.dataclass(frozen=True)
 class DistillParams:
     student: str
+    student_options: dict
     teacher_source: str
     temperature: float
     kd_weight: float
+    ce_weight: float
     view_schedule: str
     epochs: int
     batch_size: int
-    lr: float
-    betas: list[float]
-    weight_decay: float
-    lr_milestones: list[int]
-    lr_factors: list[float]
-    num_workers: int
+    optimizer: OptimParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +92,7 @@ class EvaluateParams:
 class Params:
     seed: int
     device: str
+    num_workers: int
     data: DataParams
     augment: list[dict]
     teacher: TeacherParams
@@ -86,39 +101,64 @@ class Params:
     evaluate: EvaluateParams
 
 
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+def _optim_rules(section: str) -> list:
+    return [
+        (f"{section}.name", lambda v: v in ("adam", "sgd"), "adam or sgd"),
+        (f"{section}.lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+        (f"{section}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        (f"{section}.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        (f"{section}.weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+        (f"{section}.schedule", lambda v: v in ("step", "cosine"), "step or cosine"),
+        (f"{section}.lr_milestones", lambda v: v == sorted(set(v)) and all(m >= 1 for m in v),
+         "strictly increasing epochs >= 1"),
+        (f"{section}.lr_factors", lambda v: all(_finite(f) and f > 0 for f in v), "finite numbers > 0"),
+    ]
+
+
 # Value rules beyond types: (dotted key, predicate, what was expected).
 _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
-    ("data.name", lambda v: v == "digits", "'digits'"),
+    ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("data.name", lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
+    ("data.image_size", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("data.normalize", lambda v: v in ("auto", "none") if isinstance(v, str) else
+     set(v) == {"mean", "std"} and all(isinstance(v[k], list) and v[k] for k in v)
+     and len(v["mean"]) == len(v["std"]) and all(isinstance(s, (int, float)) and s > 0 for s in v["std"])
+     and all(isinstance(m, (int, float)) for m in v["mean"]),
+     "auto, none, or {mean: [one per channel], std: [one per channel, each > 0]}"),
+    ("data.split_seed", lambda v: v >= 0, "an integer >= 0"),
     ("data.val_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     ("data.test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-    ("teacher.arch", lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
+    ("data.train_subset", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("teacher.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("teacher.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("teacher.lr", lambda v: v > 0, "a number > 0"),
+    *_optim_rules("teacher.optimizer"),
     ("cache.num_views", lambda v: v >= 1, "an integer >= 1"),
+    ("cache.seed", lambda v: v >= 0, "an integer >= 0"),
     ("cache.format", lambda v: v in ("zarr", "hdf5"), "zarr or hdf5"),
     ("cache.dtype", lambda v: v in ("float16", "float32"), "float16 or float32"),
     ("cache.chunk_samples", lambda v: v >= 1, "an integer >= 1"),
     ("cache.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("distill.student", lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}"),
     ("distill.teacher_source", lambda v: v in ("cache", "online"), "cache or online"),
-    ("distill.temperature", lambda v: v > 0, "a number > 0"),
-    ("distill.kd_weight", lambda v: v >= 0, "a number >= 0"),
+    ("distill.temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("distill.kd_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("distill.ce_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("distill.view_schedule", lambda v: v in ("cycle", "random"), "cycle or random"),
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("distill.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("distill.lr", lambda v: v > 0, "a number > 0"),
-    ("distill.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    ("distill.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("distill.lr_milestones", lambda v: v == sorted(set(v)) and all(m >= 1 for m in v),
-     "strictly increasing epochs >= 1"),
-    ("distill.num_workers", lambda v: v >= 0, "an integer >= 0"),
+    *_optim_rules("distill.optimizer"),
     ("evaluate.threshold", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
 ]
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Parse and validate the params file; raise ParamsError naming the file, key and fix."""
+    """Parse and validate the params file; raise ParamsError naming the file, each bad key and the fix."""
+    from pipeline.models import arch_error
+
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found; pass --params with the path to params.yaml")
@@ -127,21 +167,34 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     params = _build(Params, raw, str(path), "")
+    problems = []
     for key, ok, expected in _RULES:
         value = params
         for part in key.split("."):
             value = getattr(value, part)
         if not ok(value):
-            raise ParamsError(f"{path}: {key} is {value!r}; expected {expected}")
-    if len(params.distill.lr_factors) != len(params.distill.lr_milestones):
-        raise ParamsError(f"{path}: distill.lr_factors needs one factor per entry of "
-                          f"distill.lr_milestones ({len(params.distill.lr_milestones)})")
-    if params.data.val_fraction + params.data.test_fraction >= 1:
-        raise ParamsError(f"{path}: data.val_fraction + data.test_fraction must be < 1")
+            problems.append(f"{key} is {value!r}; expected {expected}")
+    for section, epochs in (("teacher", params.teacher.epochs), ("distill", params.distill.epochs)):
+        opt = getattr(params, section).optimizer
+        if len(opt.lr_factors) != len(opt.lr_milestones):
+            problems.append(f"{section}.optimizer.lr_factors needs one factor per entry of "
+                            f"{section}.optimizer.lr_milestones ({len(opt.lr_milestones)})")
+        if opt.schedule == "step" and any(m >= epochs for m in opt.lr_milestones):
+            problems.append(f"{section}.optimizer.lr_milestones {opt.lr_milestones} must be < {section}.epochs "
+                            f"({epochs}); a milestone at or past the last epoch has no effect")
+    for key, arch, options in (("teacher.arch", params.teacher.arch, params.teacher.arch_options),
+                               ("distill.student", params.distill.student, params.distill.student_options)):
+        error = arch_error(arch, options)
+        if error:
+            problems.append(f"{key}: {error}")
     for i, step in enumerate(params.augment):
         if len(step) != 1 or not isinstance(next(iter(step.values())) or {}, dict):
-            raise ParamsError(f"{path}: augment[{i}] is {step!r}; expected one "
-                              "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
+            problems.append(f"augment[{i}] is {step!r}; expected one "
+                            "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
+    if problems:
+        if len(problems) == 1:
+            raise ParamsError(f"{path}: {problems[0]}")
+        raise ParamsError(f"{path}: {len(problems)} problems:\n  " + "\n  ".join(problems))
     return params
 
 
@@ -169,8 +222,16 @@ def _check(hint: Any, value: Any, path: str, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, key + ".")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        return None if value is None else _check(args[0], value, path, key)
+    if origin is typing.Union:  # Optional[X], or a choice of types
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _check(option, value, path, key)
+            except ParamsError:
+                pass
+        return _check(options[-1], value, path, key)
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{path}: {key} is {value!r}; expected a list")

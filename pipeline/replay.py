@@ -13,7 +13,9 @@ untouched. To rebuild a view without this package:
     state = torch.default_generator.get_state(); torch.default_generator.manual_seed(int(seed64))
     x = transform(image_i); torch.default_generator.set_state(state)
 
-where `transform = v2.Compose([getattr(v2, name)(**kwargs) for {name: kwargs} in augment])`.
+where `image_i` is the uint8 (C, H, W) image and `transform` is `pipeline.data.input_transform`:
+`v2.Compose([ToDtype(float32, scale=True), *[getattr(v2, name)(**kwargs) for {name: kwargs} in augment],
+Normalize(mean, std)])` (the first and last steps draw no random numbers).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def build_augment(spec: list[dict]):
             steps.append(cls(**kwargs))
         except (TypeError, ValueError) as e:
             raise KDError(f"augment[{i}]: {name}({kwargs}) failed: {e}") from None
-    return v2.Compose(steps)
+    return v2.Compose(steps) if steps else v2.Identity()
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
@@ -51,7 +53,7 @@ def view_seed(seed: int, index: int, view: int) -> int:
 def replay_view(image: torch.Tensor, transform, seed: int, index: int, view: int) -> torch.Tensor:
     """The augmented input for (sample `index`, view `view`): `transform(image)` under a fixed seed.
 
-    image: (C, H, W) float in [0, 1]. Returns the transformed tensor; the global RNG is left as it was.
+    image: uint8 (C, H, W) as stored. Returns the transformed tensor; the global RNG is left as it was.
     """
     generator = torch.default_generator
     state = generator.get_state()
@@ -68,7 +70,7 @@ class ReplayDataset(torch.utils.data.Dataset):
     Pass a sampler that yields pairs (e.g. `epoch_pairs`); works the same in DataLoader workers.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform, seed: int):
+    def __init__(self, images, labels: torch.Tensor, transform, seed: int):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
 
     def __len__(self) -> int:
@@ -78,6 +80,20 @@ class ReplayDataset(torch.utils.data.Dataset):
         index, view = int(pair[0]), int(pair[1])
         x = replay_view(self.images[index], self.transform, self.seed, index, view)
         return x, self.labels[index], index, view
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `pairs_of(epoch)` for the current `epoch` (set it before each pass): one sampler, and so
+    one set of persistent DataLoader workers, for the whole run."""
+
+    def __init__(self, pairs_of, num_samples: int):
+        self.pairs_of, self.num_samples, self.epoch = pairs_of, num_samples, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        return iter(self.pairs_of(self.epoch))
 
 
 def epoch_views(schedule: str, num_views: int, num_samples: int, epoch: int, seed: int) -> np.ndarray:

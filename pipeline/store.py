@@ -4,7 +4,7 @@ Layout (the same names in both formats):
   logits  (num_samples, num_views, num_classes)  float16 | float32, chunked (chunk_samples, V, C)
   labels  (num_samples,)                          int64
   attributes: format_version, num_samples, num_views, num_classes, augment (JSON text),
-              seed, dtype, teacher_arch, teacher_fingerprint, dataset_fingerprint,
+              mean, std (input normalization), seed, dtype, teacher_arch, teacher_fingerprint, dataset_fingerprint,
               and `complete: true`, written last.
 
 Row i, view v holds the teacher's logits (before temperature) for `replay_view(train image i, ...,
@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline import KDError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds mean and std (the input normalization)
 
 
 class StoreError(KDError):
@@ -36,6 +36,8 @@ class StoreMeta:
     num_views: int
     num_classes: int
     augment: list  # the augmentation spec, as in params.yaml
+    mean: list  # per-channel normalization applied after the augmentation
+    std: list
     seed: int
     dtype: str
     teacher_arch: str
@@ -56,6 +58,8 @@ class StoreMeta:
             raise StoreError(f"{path}: store metadata lacks {', '.join(missing)}; rebuild it with `kd cache`")
         values = {n: attrs[n] for n in names}
         values["augment"] = json.loads(values["augment"])
+        values["mean"] = [float(m) for m in values["mean"]]
+        values["std"] = [float(m) for m in values["std"]]
         for n in ("num_samples", "num_views", "num_classes", "seed", "format_version"):
             values[n] = int(values[n])
         for n in ("dtype", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):

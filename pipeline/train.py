@@ -6,6 +6,7 @@ same loop runs from the store (`store_targets`) or with the teacher live (`onlin
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import numpy as np
@@ -14,10 +15,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.data import Split, fingerprint
+from pipeline.data import Split, ViewDataset, fingerprint, input_transform
 from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
-from pipeline.replay import ReplayDataset, build_augment, epoch_pairs
+from pipeline.params import CacheParams, DistillParams, OptimParams
+from pipeline.replay import EpochSampler, ReplayDataset, build_augment, epoch_pairs
 from pipeline.store import LogitStore, StoreMeta, write_store
 
 Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,21 +34,34 @@ def teacher_forward(teacher: nn.Module, x: torch.Tensor, device: torch.device) -
         return teacher(x.to(device, non_blocking=True)).float().cpu()
 
 
-def teacher_logit_blocks(teacher: nn.Module, images: torch.Tensor, transform, seed: int, num_views: int,
-                         batch_size: int, block_samples: int, device: torch.device
+def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader over `sampler`'s pairs; workers (if any) live as long as the loader.
+
+    Its own generator keeps the loader from drawing on the global RNG, so the number of workers
+    never changes a result (the views themselves are seeded per (sample, view) by the replay).
+    """
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
+                      generator=torch.Generator())
+
+
+def teacher_logit_blocks(teacher: nn.Module, images, transform, seed: int, num_views: int, batch_size: int,
+                         block_samples: int, device: torch.device, num_workers: int = 0
                          ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(first_row, logits[rows, V, C])` for every training sample and view, block by block.
 
     View v of sample i is `replay_view(images[i], transform, seed, i, v)`; blocks follow the store's chunks.
     """
-    dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, seed)
     n = len(images)
+    dataset = ReplayDataset(images, torch.zeros(n, dtype=torch.long), transform, seed)
+    blocks = [(start, min(n, start + block_samples)) for start in range(0, n, block_samples)]
+    sampler = EpochSampler(lambda b: [(i, v) for i in range(*blocks[b]) for v in range(num_views)], n)
+    loader = make_loader(dataset, sampler, batch_size, num_workers, device)
     with tqdm(total=n * num_views, desc="cache", unit="view") as bar:
-        for start in range(0, n, block_samples):
-            stop = min(n, start + block_samples)
-            pairs = [(i, v) for i in range(start, stop) for v in range(num_views)]
+        for b, (start, stop) in enumerate(blocks):
+            sampler.epoch = b
             block = None
-            for x, _, i, v in DataLoader(dataset, sampler=pairs, batch_size=batch_size):
+            for x, _, i, v in loader:
                 logits = teacher_forward(teacher, x, device).numpy()
                 if block is None:
                     block = np.empty((stop - start, num_views, logits.shape[1]), dtype=np.float32)
@@ -55,16 +70,20 @@ def teacher_logit_blocks(teacher: nn.Module, images: torch.Tensor, transform, se
             yield start, block
 
 
-def cache_teacher_logits(path, fmt: str, dtype: str, teacher: nn.Module, teacher_arch: str, train: Split,
-                         num_classes: int, augment: list, seed: int, num_views: int, batch_size: int,
-                         chunk_samples: int, device: torch.device) -> StoreMeta:
-    """Run `teacher` over every (sample, view) of `train` and write the complete store at `path`."""
-    meta = StoreMeta(num_samples=len(train), num_views=num_views, num_classes=num_classes, augment=augment,
-                     seed=seed, dtype=dtype, teacher_arch=teacher_arch,
+def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split,
+                         num_classes: int, augment: list, mean, std, device: torch.device,
+                         num_workers: int = 0) -> StoreMeta:
+    """Run `teacher` over `cfg.num_views` replayed views of every sample of `train`; write the store at `path`.
+
+    The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v).
+    """
+    meta = StoreMeta(num_samples=len(train), num_views=cfg.num_views, num_classes=num_classes, augment=augment,
+                     mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, teacher_arch=teacher_arch,
                      teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
-    blocks = teacher_logit_blocks(teacher.to(device), train.images, build_augment(augment), seed, num_views,
-                                  batch_size, chunk_samples, device)
-    write_store(path, fmt, meta, train.labels.numpy(), blocks, chunk_samples)
+    transform = input_transform(build_augment(augment), mean, std)
+    blocks = teacher_logit_blocks(teacher.to(device), train.images, transform, cfg.seed, cfg.num_views,
+                                  cfg.batch_size, cfg.chunk_samples, device, num_workers)
+    write_store(path, cfg.format, meta, train.labels.numpy(), blocks, cfg.chunk_samples)
     return meta
 
 
@@ -79,90 +98,118 @@ def online_targets(teacher: nn.Module, device: torch.device) -> Targets:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> float:
-    """Fraction of `split` classified correctly (no augmentation)."""
+def accuracy(model: nn.Module, split: Split, transform, device: torch.device, num_workers: int = 0,
+             batch_size: int = 512) -> float:
+    """Fraction of `split` classified correctly, inputs through the deterministic `transform`."""
     model.eval()
     correct = 0
-    for start in range(0, len(split), batch_size):
-        x = split.images[start:start + batch_size].to(device)
-        correct += (model(x).argmax(1).cpu() == split.labels[start:start + batch_size]).sum().item()
+    loader = DataLoader(ViewDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
     return correct / len(split)
 
 
-def make_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
-                   milestones: list[int] = (), factors: list[float] = ()):
-    """Adam and a step schedule: from epoch milestones[k] on, lr = base lr * factors[k]."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
+    """Adam or SGD with a step or cosine schedule; the scheduler steps once per epoch.
+
+    step: from epoch lr_milestones[k] on, lr = base lr * lr_factors[k]. cosine: lr = base lr *
+    (1 + cos(pi * epoch / epochs)) / 2 (lr_milestones and lr_factors unused).
+    """
+    if cfg.name == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                     weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    weight_decay=cfg.weight_decay)
 
     def factor(epoch: int) -> float:
-        passed = [f for m, f in zip(milestones, factors) if epoch >= m]
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+        passed = [f for m, f in zip(cfg.lr_milestones, cfg.lr_factors) if epoch >= m]
         return passed[-1] if passed else 1.0
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_teacher(model: nn.Module, train: Split, val: Split, transform, epochs: int, batch_size: int,
-                  lr: float, seed: int, device: torch.device, log: EpochLog = lambda e, m: None) -> nn.Module:
-    """Plain CE training with fresh random augmentation each epoch (the teacher needs no replay)."""
+TEACHER_VIEWS = 1 << 32  # teacher epoch e draws its views as replay "view" 2^32 + e: never a cached view id
+
+
+def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_transform, epochs: int,
+                  batch_size: int, optim: OptimParams, seed: int, device: torch.device, num_workers: int = 0,
+                  log: EpochLog = lambda e, m: None) -> nn.Module:
+    """Plain CE training with a fresh augmented view of every sample each epoch (seeded, so deterministic)."""
     torch.manual_seed(seed)
     model.to(device)
-    optimizer, _ = make_optimizer(model, lr)
-    generator = torch.Generator().manual_seed(seed)
+    optimizer, schedule = make_optimizer(model, optim, epochs)
+    dataset = ReplayDataset(train.images, train.labels, transform, seed)
+
+    def pairs(epoch: int) -> list[tuple[int, int]]:
+        order = np.random.default_rng([seed, epoch, 2]).permutation(len(train))
+        return [(int(i), TEACHER_VIEWS + epoch) for i in order]
+
+    sampler = EpochSampler(pairs, len(train))
+    loader = make_loader(dataset, sampler, batch_size, num_workers, device)
     for epoch in tqdm(range(epochs), desc="teacher", unit="epoch"):
         model.train()
-        order = torch.randperm(len(train), generator=generator)
-        for start in range(0, len(train), batch_size):
-            rows = order[start:start + batch_size]
-            x = torch.stack([transform(img) for img in train.images[rows]]).to(device)
-            loss = nn.functional.cross_entropy(model(x), train.labels[rows].to(device))
+        sampler.epoch = epoch
+        loss_sum = correct = seen = 0
+        for x, y, _, _ in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        log(epoch, {"loss": loss.item(), "val_acc": accuracy(model, val, device)})
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        schedule.step()
+        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
+                    "val_acc": accuracy(model, val, eval_transform, device, num_workers)})
     return model.eval()
 
 
 def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tensor, y: torch.Tensor,
                  samples: torch.Tensor, views: torch.Tensor, temperature: float, kd_weight: float,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device, ce_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits)."""
     teacher_logits = targets(x, samples, views).to(device) if kd_weight else None
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     logits = student(x)
-    loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight)
+    loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight, ce_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), logits.detach()
 
 
-def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, replay_seed: int,
-            num_views: int, *, temperature: float, kd_weight: float, view_schedule: str, epochs: int,
-            batch_size: int, lr: float, betas, weight_decay: float, lr_milestones: list[int],
-            lr_factors: list[float], seed: int, device: torch.device, num_workers: int = 0,
-            log: EpochLog = lambda e, m: None) -> nn.Module:
+def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
+            replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
+            device: torch.device, num_workers: int = 0, log: EpochLog = lambda e, m: None) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
-    In epoch e, every sample i appears once, as view `epoch_views(view_schedule, ...)[i]`, built by
+    In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
-    With kd_weight 0, `targets` is never called (the student-alone baseline).
+    `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
     """
     torch.manual_seed(seed)
     student.to(device)
-    optimizer, schedule = make_optimizer(student, lr, betas, weight_decay, lr_milestones, lr_factors)
+    optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed)
-    for epoch in tqdm(range(epochs), desc="distill" if kd_weight else "baseline", unit="epoch"):
+    sampler = EpochSampler(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed), len(train))
+    loader = make_loader(dataset, sampler, cfg.batch_size, num_workers, device)
+    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch"):
         student.train()
-        pairs = epoch_pairs(view_schedule, num_views, len(train), epoch, seed)
-        loader = DataLoader(dataset, sampler=pairs, batch_size=batch_size, num_workers=num_workers)
+        sampler.epoch = epoch
         loss_sum = correct = seen = 0
         for x, y, samples, views in loader:
-            loss, logits = distill_step(student, optimizer, targets, x, y, samples, views, temperature, kd_weight,
-                                        device)
+            loss, logits = distill_step(student, optimizer, targets, x, y, samples, views, cfg.temperature,
+                                        kd_weight, device, cfg.ce_weight)
             y = y.to(device)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         schedule.step()
-        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": accuracy(student, val, device)})
+        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
+                    "val_acc": accuracy(student, val, eval_transform, device, num_workers)})
     return student.eval()

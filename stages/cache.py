@@ -22,7 +22,7 @@ def cache(params_path, device, teacher_path, out):
     data = load_dataset(params.data)
     teacher, ckpt = load_checkpoint(teacher_path)
     cfg = params.cache
-    meta = cache_teacher_logits(out, cfg.format, cfg.dtype, teacher, ckpt["arch"], data.train, data.num_classes,
-                                params.augment, cfg.seed, cfg.num_views, cfg.batch_size, cfg.chunk_samples, device)
+    meta = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes, params.augment,
+                                data.mean, data.std, device, params.num_workers)
     click.echo(f"Wrote {out} ({cfg.format}): {meta.num_samples} samples x {meta.num_views} views x "
                f"{meta.num_classes} classes, {meta.dtype}")

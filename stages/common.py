@@ -23,7 +23,10 @@ def stage(func):
         try:
             return func(*args, **kwargs)
         except KDError as e:
-            raise click.ClickException(str(e)) from None
+            message = str(e)
+            if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message
+                message = message.rstrip().rsplit("KDError: ", 1)[-1]
+            raise click.ClickException(message) from None
 
     return wrapper
 

@@ -19,7 +19,7 @@ from stages.common import device_option, live_log, params_option, setup, stage
 def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
     """Train distill.student and save it to OUT."""
     from pipeline import KDError
-    from pipeline.data import fingerprint, load_dataset
+    from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment
     from pipeline.store import LogitStore
@@ -35,19 +35,22 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
         store = LogitStore(cache_path)
         store.check_matches(weights_fingerprint(teacher), fingerprint(data.train))
         # The store, not params.yaml, says which views its logits belong to.
-        augment, replay_seed, num_views = store.meta.augment, store.meta.seed, store.meta.num_views
+        meta = store.meta
+        augment, mean, std, replay_seed, num_views = meta.augment, meta.mean, meta.std, meta.seed, meta.num_views
         targets = store_targets(store)
     else:
-        augment, replay_seed, num_views = params.augment, params.cache.seed, params.cache.num_views
+        augment, mean, std = params.augment, data.mean, data.std
+        replay_seed, num_views = params.cache.seed, params.cache.num_views
         targets = online_targets(teacher.to(device), device)
-    student = build_model(cfg.student, data.image_shape[0], data.num_classes, seed=params.seed)
+    in_channels, image_size = data.image_shape[0], data.image_shape[-1]
+    student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
+                          seed=params.seed)
+    transform, eval_transform = input_transform(build_augment(augment), mean, std), input_transform(None, mean, std)
     with live_log(live_dir) as log:
-        run_distill(student, data.train, data.val, targets, build_augment(augment), replay_seed, num_views,
-                    temperature=cfg.temperature, kd_weight=0.0 if baseline else cfg.kd_weight,
-                    view_schedule=cfg.view_schedule, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                    betas=cfg.betas, weight_decay=cfg.weight_decay, lr_milestones=cfg.lr_milestones,
-                    lr_factors=cfg.lr_factors, seed=params.seed, device=device, num_workers=cfg.num_workers,
-                    log=log)
+        run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views, cfg,
+                    kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
+                    num_workers=params.num_workers, log=log)
     name = "Baseline" if baseline else "Student"
-    click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * accuracy(student, data.val, device):.2f} %")
-    save_checkpoint(student, cfg.student, data.image_shape[0], data.num_classes, out)
+    val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
+    click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
+    save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)

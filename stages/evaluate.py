@@ -26,19 +26,21 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, stu
     import os
     from pathlib import Path
 
-    from pipeline.data import load_dataset
+    from pipeline.data import input_transform, load_dataset
     from pipeline.models import load_checkpoint
     from pipeline.report import markdown_report, plot_training, read_history
     from pipeline.train import accuracy
 
     params, device = setup(params_path, device)
-    test = load_dataset(params.data).test
-    acc = {name: accuracy(load_checkpoint(path)[0].to(device), test, device)
+    data = load_dataset(params.data)
+    test, transform = data.test, input_transform(None, data.mean, data.std)
+    acc = {name: accuracy(load_checkpoint(path)[0].to(device), test, transform, device, params.num_workers)
            for name, path in (("teacher", teacher_path), ("student", student_path), ("baseline", baseline_path))}
     threshold = params.evaluate.threshold
     metrics = {"teacher_acc": acc["teacher"], "student_acc": acc["student"], "baseline_acc": acc["baseline"],
                "kd_gain": acc["student"] - acc["baseline"], "threshold": threshold,
-               "above_threshold": acc["student"] >= threshold}
+               "above_threshold": acc["student"] >= threshold, "test_samples": len(test),
+               **{f"{name}_errors": round((1 - a) * len(test)) for name, a in acc.items()}}
     figure = Path(figures_dir) / "training.png"
     plot_training({"distilled": read_history(student_live), "baseline (λ = 0)": read_history(baseline_live)},
                   figure)

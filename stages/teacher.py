@@ -10,31 +10,46 @@ from stages.common import device_option, live_log, params_option, setup, stage
 @device_option
 @click.option("--out", default="models/teacher.pt", show_default=True, help="Teacher checkpoint to write.")
 @click.option("--live-dir", default=None, help="dvclive directory for per-epoch metrics.")
+@click.option("--checkpoint-dir", default=None,
+              help="Folder that teacher.checkpoint must lie in (the folder dvc.yaml tracks for this stage).")
 @stage
-def teacher(params_path, device, out, live_dir):
+def teacher(params_path, device, out, live_dir, checkpoint_dir):
     """Train the teacher on the training split (or take teacher.checkpoint) and save it to OUT."""
     from pipeline import KDError
-    from pipeline.data import load_dataset
+    from pipeline.data import input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint
     from pipeline.replay import build_augment
     from pipeline.train import accuracy, train_teacher
 
     params, device = setup(params_path, device)
     data = load_dataset(params.data)
-    in_channels = data.image_shape[0]
-    if params.teacher.checkpoint:
-        model, ckpt = load_checkpoint(params.teacher.checkpoint)
-        if (ckpt["in_channels"], ckpt["num_classes"]) != (in_channels, data.num_classes):
-            raise KDError(f"{params.teacher.checkpoint}: teacher takes {ckpt['in_channels']} channels and "
-                          f"predicts {ckpt['num_classes']} classes; the dataset has {in_channels} and "
-                          f"{data.num_classes}")
-        arch = ckpt["arch"]
-    else:
-        arch = params.teacher.arch
-        model = build_model(arch, in_channels, data.num_classes, seed=params.seed)
-        with live_log(live_dir) as log:
-            train_teacher(model, data.train, data.val, build_augment(params.augment), params.teacher.epochs,
-                          params.teacher.batch_size, params.teacher.lr, params.seed, device, log)
-    model.to(device)
-    click.echo(f"Teacher ({arch}) validation accuracy: {100 * accuracy(model, data.val, device):.2f} %")
-    save_checkpoint(model, arch, in_channels, data.num_classes, out)
+    in_channels, image_size = data.image_shape[0], data.image_shape[-1]
+    eval_transform = input_transform(None, data.mean, data.std)
+    cfg = params.teacher
+    if cfg.checkpoint and checkpoint_dir:
+        from pathlib import Path
+
+        if not Path(cfg.checkpoint).resolve().is_relative_to(Path(checkpoint_dir).resolve()):
+            raise KDError(f"teacher.checkpoint {cfg.checkpoint!r} is outside {checkpoint_dir}/, the folder this "
+                          f"stage tracks, so DVC would not notice when it changes; copy it into {checkpoint_dir}/ "
+                          f"and set teacher.checkpoint: {checkpoint_dir}/<file>.pt")
+    with live_log(live_dir) as log:
+        if cfg.checkpoint:
+            model, ckpt = load_checkpoint(cfg.checkpoint)
+            if (ckpt["in_channels"], ckpt["num_classes"]) != (in_channels, data.num_classes):
+                raise KDError(f"{cfg.checkpoint}: teacher takes {ckpt['in_channels']} channels and "
+                              f"predicts {ckpt['num_classes']} classes; the dataset has {in_channels} and "
+                              f"{data.num_classes}")
+            arch, options, image_size = ckpt["arch"], ckpt["options"], ckpt["image_size"]
+            model.to(device)
+            # One logged step, so the stage's metrics exist whichever way the teacher came.
+            log(0, {"val_acc": accuracy(model, data.val, eval_transform, device, params.num_workers)})
+        else:
+            arch, options = cfg.arch, cfg.arch_options
+            model = build_model(arch, in_channels, data.num_classes, options, image_size, seed=params.seed)
+            transform = input_transform(build_augment(params.augment), data.mean, data.std)
+            train_teacher(model, data.train, data.val, transform, eval_transform, cfg.epochs, cfg.batch_size,
+                          cfg.optimizer, params.seed, device, params.num_workers, log)
+    val_acc = accuracy(model, data.val, eval_transform, device, params.num_workers)
+    click.echo(f"Teacher ({arch}) validation accuracy: {100 * val_acc:.2f} %")
+    save_checkpoint(model, arch, in_channels, data.num_classes, out, options, image_size)

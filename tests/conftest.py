@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import Split, load_dataset
+from pipeline.data import Split, input_transform, load_dataset
 from pipeline.models import build_model, save_checkpoint
-from pipeline.params import load_params
+from pipeline.params import CacheParams, OptimParams, load_params
 from pipeline.replay import build_augment
 from pipeline.train import cache_teacher_logits, train_teacher
 
@@ -20,11 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "teacher.arch": "tiny_cnn", "teacher.epochs": 1,
     "cache.num_views": 2, "cache.chunk_samples": 100,
-    "distill.epochs": 2, "distill.lr_milestones": [1], "distill.lr_factors": [0.1],
+    "distill.epochs": 2, "distill.optimizer.lr_milestones": [1], "distill.optimizer.lr_factors": [0.1],
     "evaluate.threshold": 0.0,
 }
 AUGMENT = [{"RandomAffine": {"degrees": 15, "translate": [0.125, 0.125]}},
            {"RandomErasing": {"p": 0.5, "scale": [0.02, 0.1]}}]
+MEAN, STD = (0.0,), (1.0,)  # digits' normalization (auto)
+TRANSFORM = input_transform(build_augment(AUGMENT), MEAN, STD)  # uint8 image -> augmented float input
+EVAL = input_transform(None, MEAN, STD)
+ADAM = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=0.0,
+                   schedule="step", lr_milestones=[], lr_factors=[])
 
 
 def write_params(path: Path, **overrides) -> Path:
@@ -60,8 +65,8 @@ def train_subset(dataset) -> Split:
 def teacher(dataset):
     """A CNN teacher trained for two epochs: logits on a realistic scale (eval mode)."""
     model = build_model("cnn", 1, dataset.num_classes)
-    return train_teacher(model, dataset.train, dataset.val, build_augment(AUGMENT), epochs=2, batch_size=64,
-                         lr=1e-3, seed=0, device=torch.device("cpu"))
+    return train_teacher(model, dataset.train, dataset.val, TRANSFORM, EVAL, epochs=2, batch_size=64, optim=ADAM,
+                         seed=0, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +79,7 @@ def teacher_path(teacher, tmp_path_factory) -> Path:
 def make_store(path: Path, fmt: str, dtype: str, teacher, split: Split, num_views: int = 3, seed: int = 7,
                augment=AUGMENT, chunk_samples: int = 32) -> Path:
     """Write a real store of `fmt` by running `teacher` over `split`, with the function `kd cache` calls."""
-    cache_teacher_logits(path, fmt, dtype, teacher, "cnn", split, 10, augment, seed, num_views, batch_size=40,
-                         chunk_samples=chunk_samples, device=torch.device("cpu"))
+    cfg = CacheParams(num_views=num_views, seed=seed, format=fmt, dtype=dtype, chunk_samples=chunk_samples,
+                      batch_size=40)
+    cache_teacher_logits(path, cfg, teacher, "cnn", split, 10, augment, MEAN, STD, device=torch.device("cpu"))
     return path

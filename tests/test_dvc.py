@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, write_params
 
@@ -21,22 +22,27 @@ def run(args, cwd):
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """The project's pipeline and code in a fresh git + DVC repository, with tiny params, reproduced once."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("pipeline", "stages"):
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+def new_project(root: Path, **overrides) -> Path:
+    """The project's pipeline and code in a fresh git + DVC repository, with tiny params."""
+    for name in ("pipeline", "stages", "data", "teachers"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    write_params(root / "params.yaml", **{"distill.epochs": 1, "distill.lr_milestones": [], "distill.lr_factors": []})
+    write_params(root / "params.yaml", **{"distill.epochs": 1, "distill.optimizer.lr_milestones": [],
+                                          "distill.optimizer.lr_factors": [], **overrides})
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
     run(["git", "config", "user.name", "test"], root)
     run([str(BIN / "dvc"), "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "init"], root)
-    out = run([str(BIN / "dvc"), "repro"], root)
-    return root, out
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A fresh project reproduced once."""
+    root = new_project(tmp_path_factory.mktemp("project"))
+    return root, run([str(BIN / "dvc"), "repro"], root)
 
 
 def test_repro_runs_every_stage(project):
@@ -62,3 +68,32 @@ def test_changing_temperature_reruns_only_distill_and_evaluate(project):
     assert "Running stage 'distill'" in out and "Running stage 'evaluate'" in out
     for reused in ("teacher", "cache", "baseline"):
         assert f"Running stage '{reused}'" not in out
+
+
+def ran(out: str) -> set[str]:
+    return {stage for stage in ("teacher", "cache", "distill", "baseline", "evaluate")
+            if f"Running stage '{stage}'" in out}
+
+
+def test_users_teacher_and_image_folder_under_dvc_repro(tmp_path):
+    """A user's checkpoint and image folder: `dvc repro` runs, and replacing either re-runs what reads it."""
+    from pipeline.models import build_model, save_checkpoint
+    from test_data import write_image_folder
+    from torchvision.io import write_png
+
+    images = write_image_folder(tmp_path / "images", per_class=6, size=8)
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "teachers").mkdir()
+    save_checkpoint(build_model("tiny_cnn", 3, 3, seed=1), "tiny_cnn", 3, 3, root / "teachers/mine.pt")
+    new_project(root, **{"teacher.checkpoint": "teachers/mine.pt", "data.name": "imagefolder",
+                         "data.root": str(images), "data.val_fraction": 1 / 3, "augment": [],
+                         "cache.num_views": 1})
+    dvc = str(BIN / "dvc")
+    assert ran(run([dvc, "repro"], root)) == {"teacher", "cache", "distill", "baseline", "evaluate"}
+    assert (root / "reports/live/teacher/metrics.json").is_file()
+    assert ran(run([dvc, "repro"], root)) == set()
+    save_checkpoint(build_model("tiny_cnn", 3, 3, seed=2), "tiny_cnn", 3, 3, root / "teachers/mine.pt")
+    assert {"teacher", "cache", "distill"} <= ran(run([dvc, "repro"], root))
+    write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(images / "train/ant/new.png"))
+    assert {"teacher", "cache", "distill", "baseline"} <= ran(run([dvc, "repro"], root))

@@ -22,10 +22,21 @@ def test_mistyped_key_names_the_key_and_suggests_the_fix(tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("distill.temperature", "hot", r"distill.temperature is 'hot'; expected float"),
-    ("distill.temperature", 0, r"distill.temperature is 0.0; expected a number > 0"),
+    ("distill.temperature", 0, r"distill.temperature is 0.0; expected a finite number > 0"),
+    ("distill.temperature", float("inf"), r"distill.temperature is inf; expected a finite number > 0"),
+    ("distill.kd_weight", float("inf"), r"distill.kd_weight is inf; expected a finite number >= 0"),
+    ("distill.optimizer.lr_factors", [-1.0], r"distill.optimizer.lr_factors is \[-1.0\]; expected finite numbers > 0"),
+    ("distill.optimizer.lr_milestones", [500], r"lr_milestones \[500\] must be < distill.epochs"),
+    ("distill.optimizer.name", "rmsprop", r"distill.optimizer.name is 'rmsprop'; expected adam or sgd"),
+    ("teacher.optimizer.schedule", "linear", r"teacher.optimizer.schedule is 'linear'; expected step or cosine"),
+    ("seed", -1, r"seed is -1; expected an integer >= 0"),
+    ("data.name", "imagenet", r"data.name is 'imagenet'; expected one of digits, mnist"),
+    ("data.normalize", {"mean": [0.5], "std": [0.0]}, r"data.normalize .*expected auto, none, or"),
+    ("teacher.arch", "resnet21", r"teacher.arch: .*resnet21"),
+    ("distill.student_options", {"hidden": [10]}, r"distill.student: .*hidden"),
     ("cache.format", "parquet", r"cache.format is 'parquet'; expected zarr or hdf5"),
     ("cache.num_views", 2.5, r"cache.num_views is 2.5; expected int"),
-    ("distill.lr_factors", [0.1, 0.01], r"one factor per entry of distill.lr_milestones"),
+    ("distill.optimizer.lr_factors", [0.1, 0.01], r"one factor per entry of distill.optimizer.lr_milestones"),
     ("augment", [{"RandomAffine": 5}], r"augment\[0\]"),
 ])
 def test_bad_values_are_refused(tmp_path, key, value, message):
@@ -43,7 +54,7 @@ def test_missing_key_is_an_error(tmp_path):
 def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     path = write_params(tmp_path / "params.yaml")
     path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-3"))
-    assert load_params(path).distill.lr == 1e-3
+    assert load_params(path).distill.optimizer.lr == 1e-3
 
 
 def test_cli_exits_nonzero_naming_the_bad_key(tmp_path):
@@ -57,3 +68,20 @@ def test_cli_exits_nonzero_naming_the_bad_key(tmp_path):
 def test_cli_missing_params_file(tmp_path):
     result = CliRunner().invoke(kd, ["teacher", "--params", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1 and "nope.yaml: file not found" in result.output
+
+
+def test_every_bad_value_is_reported_at_once(tmp_path):
+    path = write_params(tmp_path / "params.yaml", **{"distill.temperature": 0, "cache.format": "parquet",
+                                                     "seed": -3})
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    message = str(e.value)
+    assert "3 problems" in message
+    for key in ("distill.temperature", "cache.format", "seed"):
+        assert key in message
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_validates(recipe):
+    params = load_params(recipe)  # every key known, every value allowed
+    assert params.data.name != "digits"

@@ -54,7 +54,7 @@ def test_pipeline_end_to_end(workdir, fmt):
 
 
 def test_online_teacher_source_needs_no_store(workdir):
-    params = write_params(workdir / "params.yaml", **{"distill.teacher_source": "online", "distill.epochs": 1})
+    params = write_params(workdir / "params.yaml", **{"distill.teacher_source": "online"})
     assert invoke("teacher", "--params", params).exit_code == 0
     result = invoke("distill", "--params", params)
     assert result.exit_code == 0, result.output
@@ -130,3 +130,51 @@ def test_same_params_give_the_same_teacher(workdir):
         assert invoke("teacher", "--params", params, "--out", name).exit_code == 0
     a, b = (torch.load(workdir / n, weights_only=True)["state_dict"] for n in ("a.pt", "b.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_folder_pipeline_end_to_end_with_workers(workdir):
+    """A user's own JPEG/PNG folder through every stage, decoded lazily in a DataLoader worker."""
+    from test_data import write_image_folder
+
+    root = write_image_folder(workdir / "images", per_class=8, size=16)
+    params = write_params(workdir / "params.yaml", **{
+        "num_workers": 1, "data.name": "imagefolder", "data.root": str(root), "data.val_fraction": 0.25,
+        "augment": [{"RandomCrop": {"size": 16, "padding": 2}}, {"RandomHorizontalFlip": {"p": 0.5}}],
+        "teacher.arch": "resnet8", "distill.student": "mlp", "distill.student_options": {"hidden_sizes": [32]},
+        "distill.optimizer.name": "sgd", "distill.optimizer.lr": 0.01, "distill.optimizer.schedule": "cosine",
+        "evaluate.threshold": 0.0})
+    assert invoke("teacher", "--params", params, "--live-dir", "live/teacher").exit_code == 0
+    result = invoke("cache", "--params", params, "--out", "s.zarr")
+    assert result.exit_code == 0 and "18 samples x 2 views x 3 classes" in result.output, result.output
+    for extra, name in (([], "student"), (["--baseline"], "baseline")):
+        result = invoke("distill", "--params", params, "--cache", "s.zarr", "--out", f"models/{name}.pt",
+                        "--live-dir", f"reports/live/{name}", *extra)
+        assert result.exit_code == 0, result.output
+    result = invoke("evaluate", "--params", params)
+    assert result.exit_code == 0 and "Student model test accuracy" in result.output, result.output
+    metrics = json.loads((workdir / "reports/metrics.json").read_text())
+    assert metrics["test_samples"] == 6 and 0 <= metrics["student_errors"] <= 6
+    student = torch.load(workdir / "models/student.pt", weights_only=True)
+    assert student["arch"] == "mlp" and student["options"] == {"hidden_sizes": [32]}
+
+
+def test_corrupt_image_in_a_worker_is_one_clear_message(workdir):
+    from test_data import write_image_folder
+
+    root = write_image_folder(workdir / "images", per_class=4)
+    for path in (root / "train").rglob("*.png"):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    params = write_params(workdir / "params.yaml", **{
+        "num_workers": 1, "data.name": "imagefolder", "data.root": str(root), "data.val_fraction": 0.25,
+        "augment": []})
+    result = invoke("teacher", "--params", params)
+    assert result.exit_code == 1 and "cannot decode image" in result.output and ".png" in result.output
+    assert "Traceback" not in result.output and "Original" not in result.output, result.output
+
+
+def test_teacher_checkpoint_must_lie_in_the_tracked_folder(workdir):
+    save_checkpoint(build_model("cnn", 1, 10), "cnn", 1, 10, workdir / "mine.pt")
+    (workdir / "teachers").mkdir()
+    params = write_params(workdir / "params.yaml", **{"teacher.checkpoint": "mine.pt"})
+    result = invoke("teacher", "--params", params, "--checkpoint-dir", "teachers")
+    assert result.exit_code == 1 and "outside teachers/" in result.output

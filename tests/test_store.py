@@ -11,7 +11,7 @@ from pipeline.models import weights_fingerprint
 from pipeline.replay import build_augment, replay_view
 from pipeline.store import LogitStore, StoreError, StoreMeta, write_store
 from pipeline.train import teacher_forward
-from conftest import AUGMENT, make_store
+from conftest import AUGMENT, TRANSFORM, make_store
 
 FORMATS = ["zarr", "hdf5"]
 
@@ -24,7 +24,7 @@ def test_store_holds_teacher_logits_of_each_replayed_view(fmt, dtype, teacher, t
     assert (store.meta.num_samples, store.meta.num_views, store.meta.num_classes) == (96, 3, 10)
     assert store.meta.augment == AUGMENT and store.meta.seed == 7
     assert np.array_equal(store.labels, train_subset.labels.numpy())
-    transform = build_augment(AUGMENT)
+    transform = TRANSFORM
     for i, v in [(0, 0), (5, 2), (95, 1)]:
         x = replay_view(train_subset.images[i], transform, 7, i, v)[None]
         expected = teacher_forward(teacher, x, torch.device("cpu"))[0].numpy()
@@ -59,7 +59,7 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_interrupted_write_leaves_no_store(fmt, teacher, train_subset, tmp_path):
-    meta = StoreMeta(96, 2, 10, [], 0, "float16", "cnn", "t", "d")
+    meta = StoreMeta(96, 2, 10, [], [0.0], [1.0], 0, "float16", "cnn", "t", "d")
 
     def blocks():
         yield 0, np.zeros((32, 2, 10), np.float32)
@@ -85,7 +85,7 @@ def test_store_without_complete_mark_is_refused(fmt, teacher, train_subset, tmp_
 
 
 def test_store_missing_rows_is_never_marked_complete(tmp_path):
-    meta = StoreMeta(10, 1, 10, [], 0, "float16", "cnn", "t", "d")
+    meta = StoreMeta(10, 1, 10, [], [0.0], [1.0], 0, "float16", "cnn", "t", "d")
     with pytest.raises(StoreError, match="4 rows unwritten"):
         write_store(tmp_path / "s.zarr", "zarr", meta, np.zeros(10, np.int64),
                     [(0, np.zeros((6, 1, 10), np.float32))], 4)

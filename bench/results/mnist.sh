@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# MNIST with recipes/mnist-hinton.yaml, shortened for a 2-core CPU (see RESULTS.md). Run from the project root
+# with the venv active: `bash bench/results/mnist.sh`. Writes runs/mnist/ (teacher, store, sweep.jsonl, times).
+set -euo pipefail
+OUT=${OUT:-runs/mnist}
+MNIST=${MNIST:-../shared/data/mnist}
+EPOCHS=${EPOCHS:-20}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+python bench/derive_params.py recipes/mnist-hinton.yaml "$OUT/params.yaml" data.root="$MNIST" \
+    teacher.epochs="$EPOCHS" distill.epochs="$EPOCHS"
+t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
+: > "$OUT/times.txt"
+t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"
+t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"
+du -sb "$OUT/logits.zarr" >> "$OUT/times.txt"
+# T = 20 as in the paper; lambda chosen on validation (seed 0), then 3 seeds with test scores.
+t search python bench/sweep.py --params "$OUT/params.yaml" --cache "$OUT/logits.zarr" -T 20 -l 0.5 -l 1 -l 3 \
+    --seeds 0 --out "$OUT/search.jsonl"
