@@ -2,8 +2,9 @@
 
 Modules, one job each:
   params   read and validate params.yaml
-  data     load the dataset and its fixed train/val/test split
-  models   the teacher and student architectures and their checkpoints
+  sources  readers of the raw data sets (digits, IDX, CIFAR pickles, image folders), one per format
+  data     the dataset, its fixed train/val/test split, the input transform and the fingerprint
+  models   the teacher and student architectures (CIFAR ResNets and WRNs in cifar_models) and checkpoints
   replay   the one function that rebuilds augmented view v of sample i
   store    the logit store (zarr or HDF5): write, validate, batch read
   loss     the distillation loss

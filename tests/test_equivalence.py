@@ -73,3 +73,19 @@ def test_changing_temperature_keeps_cache(teacher, train_subset, tmp_path):
     x = torch.stack([ReplayDataset(train_subset.images, train_subset.labels, TRANSFORM, 7)[(i, 0)][0]
                      for i in range(4)])
     np.testing.assert_allclose(raw, teacher(x).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_worker_processes_never_change_the_student(teacher, train_subset, dataset, tmp_path):
+    """num_workers is no stage parameter: views are seeded per (sample, view), and the loader draws its
+    worker seeds from its own generator, so dropout's random stream is the same with or without workers."""
+    store = LogitStore(make_store(tmp_path / "s.zarr", "zarr", "float32", teacher, train_subset))
+    cfg = load_params(write_params(tmp_path / "p.yaml", **{
+        "distill.epochs": 2, "distill.batch_size": 16, "distill.view_schedule": "random",
+        "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})).distill
+    weights = []
+    for workers in (0, 1):
+        student = build_model("mlp", 1, 10, {"hidden_sizes": [32], "dropout": 0.5}, 8, seed=0)
+        distill(student, train_subset, dataset.val, store_targets(store), TRANSFORM, EVAL, 7, 3, cfg, kd_weight=1.0,
+                seed=0, device=CPU, num_workers=workers)
+        weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.equal(weights[0], weights[1])

@@ -102,3 +102,23 @@ def test_unknown_transform_name_is_a_clear_error():
         build_augment([{"randomaffine": {"degrees": 10}}])
     with pytest.raises(KDError, match="RandomAffine"):
         build_augment([{"RandomAffine": {"degres": 10}}])
+
+
+def test_readme_replay_snippet_rebuilds_the_cached_view():
+    """The README's stand-alone function gives exactly the view the pipeline replays."""
+    import json
+    import re
+
+    from pipeline.data import input_transform
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(import json.*?def replayed_view.*?)```", readme, re.S).group(1)
+    namespace = {}
+    exec(code, namespace)
+    augment = [{"RandomResizedCrop": {"size": 8, "scale": [0.5, 1.0]}}, {"ColorJitter": {"brightness": 0.4}}]
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    ours = replay_view(image, input_transform(build_augment(augment), mean, std), 5, 11, 3)
+    theirs = namespace["replayed_view"](image, json.dumps(augment), mean, std, 5, 11, 3)
+    assert torch.equal(ours, theirs)

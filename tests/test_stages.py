@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -178,3 +179,14 @@ def test_teacher_checkpoint_must_lie_in_the_tracked_folder(workdir):
     params = write_params(workdir / "params.yaml", **{"teacher.checkpoint": "mine.pt"})
     result = invoke("teacher", "--params", params, "--checkpoint-dir", "teachers")
     assert result.exit_code == 1 and "outside teachers/" in result.output
+
+
+def test_malformed_data_file_is_one_clear_message(workdir):
+    from test_sources import write_idx, write_mnist
+
+    write_mnist(workdir / "mnist", gz=False)
+    write_idx(workdir / "mnist/train-images-idx3-ubyte", np.zeros((5, 28, 28)), magic=0x0801)
+    params = write_params(workdir / "params.yaml", **{"data.name": "mnist", "data.root": str(workdir / "mnist")})
+    result = invoke("teacher", "--params", params)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "train-images-idx3-ubyte" in result.output and "expected 0x00000803" in result.output, result.output
