@@ -148,19 +148,20 @@ def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tu
 def make_stores(pair: Pair, root: Path) -> dict[str, Path]:
     """Write a zarr and an HDF5 store (float16, random logits) of the pair's shape; return their paths."""
     meta = StoreMeta(num_samples=pair.num_samples, num_views=pair.num_views, num_classes=pair.num_classes,
-                     augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", teacher_arch=pair.teacher,
+                     augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", chunk_samples=CHUNK_SAMPLES,
+                     teacher_arch=pair.teacher,
                      teacher_fingerprint="bench", dataset_fingerprint="bench")
     rng = np.random.default_rng(0)
     labels = rng.integers(pair.num_classes, size=pair.num_samples)
 
     def blocks():
-        for start in range(0, pair.num_samples, CHUNK_SAMPLES):
-            rows = min(CHUNK_SAMPLES, pair.num_samples - start)
-            yield start, rng.normal(0, 3, (rows, pair.num_views, pair.num_classes)).astype(np.float32)
+        for k in range(meta.num_chunks):
+            first, stop = meta.chunk_rows(k)
+            yield k, rng.normal(0, 3, (stop - first, pair.num_views, pair.num_classes)).astype(np.float32)
 
     paths = {"zarr": root / "logits.zarr", "hdf5": root / "logits.h5"}
     for fmt, path in paths.items():
-        write_store(path, fmt, meta, labels, blocks(), CHUNK_SAMPLES)
+        write_store(path, fmt, meta, labels, blocks())
     return paths
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -122,6 +123,8 @@ def _optim_rules(section: str) -> list:
 # Value rules beyond types: (dotted key, predicate, what was expected).
 _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
+     "auto, cpu, cuda, cuda:N or mps"),
     ("num_workers", lambda v: v >= 0, "an integer >= 0"),
     ("data.name", lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
     ("data.image_size", lambda v: v is None or v >= 1, "null or an integer >= 1"),
@@ -158,6 +161,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Parse and validate the params file; raise ParamsError naming the file, each bad key and the fix."""
     from pipeline.models import arch_error
+    from pipeline.replay import build_augment
 
     path = Path(path)
     if not path.is_file():
@@ -191,6 +195,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if len(step) != 1 or not isinstance(next(iter(step.values())) or {}, dict):
             problems.append(f"augment[{i}] is {step!r}; expected one "
                             "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
+            continue
+        try:  # names and arguments are checked before any work starts
+            build_augment([step])
+        except KDError as e:
+            problems.append(str(e).replace("augment[0]", f"augment[{i}]", 1))
     if problems:
         if len(problems) == 1:
             raise ParamsError(f"{path}: {problems[0]}")

@@ -26,8 +26,19 @@ import torch
 from pipeline import KDError
 
 
+# Deterministic preprocessing: evaluation never applies `augment`, so these would make training and test
+# inputs differ. They belong in data.image_size / data.normalize.
+DETERMINISTIC = {"Resize", "CenterCrop", "Normalize", "ToDtype", "ConvertImageDtype", "Grayscale", "RGB", "Pad",
+                 "FiveCrop", "TenCrop", "ToImage", "ToPureTensor", "PILToTensor", "ToPILImage", "Lambda", "Identity",
+                 "LinearTransformation"}
+
+
 def build_augment(spec: list[dict]):
-    """`[{ClassName: {kw: value}}, ...]` -> `v2.Compose` of those torchvision.transforms.v2 classes."""
+    """`[{ClassName: {kw: value}}, ...]` -> `v2.Compose` of those torchvision.transforms.v2 classes.
+
+    Only random transforms: deterministic preprocessing (Resize, Normalize, ...) is refused, since evaluation
+    never applies `augment`.
+    """
     from torchvision.transforms import v2
 
     steps = []
@@ -37,6 +48,10 @@ def build_augment(spec: list[dict]):
         if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
             raise KDError(f"augment[{i}]: {name!r} is not a torchvision.transforms.v2 transform "
                           "(names are case-sensitive, e.g. RandomAffine, RandomCrop, ColorJitter)")
+        if name in DETERMINISTIC:
+            raise KDError(f"augment[{i}]: {name} is deterministic preprocessing, which evaluation never applies "
+                          "(test inputs would differ from training ones); use data.image_size and data.normalize "
+                          "for preprocessing and keep augment to random transforms")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
         try:
             steps.append(cls(**kwargs))

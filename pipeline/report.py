@@ -37,9 +37,21 @@ def plot_training(histories: dict[str, dict[str, list[float]]], path: str | Path
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    tmp.replace(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a report or metrics file atomically: a temporary name, then a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def markdown_report(metrics: dict, settings: dict, figure: str) -> str:

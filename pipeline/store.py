@@ -1,19 +1,26 @@
 """The logit store: one zarr (v3) group or one HDF5 file holding a teacher's raw logits per view.
 
 Layout (the same names in both formats):
-  logits  (num_samples, num_views, num_classes)  float16 | float32, chunked (chunk_samples, V, C)
-  labels  (num_samples,)                          int64
+  logits       (num_samples, num_views, num_classes)  float16 | float32, chunked (chunk_samples, V, C),
+               each chunk with a checksum (zarr: crc32c codec; HDF5: fletcher32 filter), fill value NaN
+  labels       (num_samples,)                          int64
+  chunks_done  (num_chunks,)                           bool: chunk k's logits are written and durable
   attributes: format_version, num_samples, num_views, num_classes, augment (JSON text),
-              mean, std (input normalization), seed, dtype, teacher_arch, teacher_fingerprint, dataset_fingerprint,
-              and `complete: true`, written last.
+              mean, std (input normalization), seed, dtype, chunk_samples, teacher_arch,
+              teacher_fingerprint, dataset_fingerprint, and `complete: true`, written last.
 
 Row i, view v holds the teacher's logits (before temperature) for `replay_view(train image i, ...,
-seed, i, v)`. A store is written under `<path>.partial` and renamed into place only when complete.
+seed, i, v)`. A store is written under `<path>.partial`, chunk by chunk; each chunk is marked done
+only after its data is written and flushed, so a killed writer resumes where it stopped (same
+parameters only). Only a store whose every chunk is done gets `complete` and is renamed into place.
+Readers never pass a fill value off as a logit: a missing chunk reads as NaN, and NaN or infinite
+logits are refused, as is a chunk whose checksum fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +30,8 @@ import numpy as np
 
 from pipeline import KDError
 
-FORMAT_VERSION = 2  # 2: adds mean and std (the input normalization)
+FORMAT_VERSION = 3  # 2: adds mean and std; 3: chunk checksums, NaN fill, chunks_done, chunk_samples
+FLOAT16_MAX = 65504.0
 
 
 class StoreError(KDError):
@@ -40,6 +48,7 @@ class StoreMeta:
     std: list
     seed: int
     dtype: str
+    chunk_samples: int
     teacher_arch: str
     teacher_fingerprint: str
     dataset_fingerprint: str
@@ -60,61 +69,182 @@ class StoreMeta:
         values["augment"] = json.loads(values["augment"])
         values["mean"] = [float(m) for m in values["mean"]]
         values["std"] = [float(m) for m in values["std"]]
-        for n in ("num_samples", "num_views", "num_classes", "seed", "format_version"):
+        for n in ("num_samples", "num_views", "num_classes", "seed", "chunk_samples", "format_version"):
             values[n] = int(values[n])
         for n in ("dtype", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
             values[n] = str(values[n])
         return cls(**values)
 
 
-def write_store(path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray,
-                blocks: Iterable[tuple[int, np.ndarray]], chunk_samples: int) -> None:
-    """Write a complete store at `path` from `blocks` of `(first_row, logits[rows, V, C])`.
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_samples)
 
-    The blocks must cover every row. Written to `<path>.partial`, marked complete, then renamed;
-    on any error the partial store is removed and `path` is left as it was.
+    def chunk_rows(self, k: int) -> tuple[int, int]:
+        """First row and one past the last row of chunk k."""
+        return k * self.chunk_samples, min(self.num_samples, (k + 1) * self.chunk_samples)
+
+    def differences(self, other: "StoreMeta") -> list[str]:
+        """`field: <self's value> vs <other's>` for every field that differs."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {_short(mine[k])} vs {_short(theirs[k])}" for k in mine if mine[k] != theirs[k]]
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_logits(block: np.ndarray, first_row: int, dtype: str, where) -> None:
+    """Refuse NaN / infinite logits, and logits float16 cannot hold, naming the first (sample, view)."""
+    bad = ~np.isfinite(block)
+    if bad.any():
+        i, v, _ = np.argwhere(bad)[0]
+        raise StoreError(f"{where}: the teacher's logits for sample {first_row + i}, view {v} are not finite "
+                         f"({block[i, v][bad[i, v]][0]}); {int(bad.any(axis=2).sum())} (sample, view) pairs in rows "
+                         f"{first_row}..{first_row + len(block) - 1} are affected; check the teacher checkpoint "
+                         "(NaN weights?)")
+    if dtype == "float16":
+        over = np.abs(block) > FLOAT16_MAX
+        if over.any():
+            i, v, _ = np.argwhere(over)[0]
+            raise StoreError(f"{where}: logit {np.abs(block[i, v]).max():.4g} for sample {first_row + i}, view {v} "
+                             f"exceeds float16's range (±{FLOAT16_MAX:g}); set cache.dtype: float32")
+
+
+class StoreWriter:
+    """Writes a store chunk by chunk under `<path>.partial`, resuming an interrupted one with the same metadata.
+
+    `pending` lists the chunks still to write; `write(k, logits)` writes chunk k and marks it done after
+    flushing; `finish()` marks the store complete and renames it into place (an existing store at `path` is
+    replaced only by a complete one, never deleted first).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    _remove(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    shape = (meta.num_samples, meta.num_views, meta.num_classes)
-    chunks = (max(1, min(chunk_samples, meta.num_samples)), meta.num_views, meta.num_classes)
-    written = np.zeros(meta.num_samples, dtype=bool)
-    try:
-        if fmt == "zarr":
-            import zarr
 
-            group = zarr.open_group(str(tmp), mode="w")
-            logits = group.create_array("logits", shape=shape, chunks=chunks, dtype=meta.dtype)
-            group.create_array("labels", data=np.asarray(labels, dtype=np.int64))
-            _fill(logits, blocks, written)
-            group.attrs.update(meta.to_attrs())
-            group.attrs["complete"] = True  # last: marks the store as finished
-        elif fmt == "hdf5":
+    def __init__(self, path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray):
+        if fmt not in ("zarr", "hdf5"):
+            raise StoreError(f"unknown store format {fmt!r}; expected zarr or hdf5")
+        self.path, self.fmt, self.meta = Path(path), fmt, meta
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None
+        if self.tmp.exists():
+            self._resume()
+        else:
+            self._create(np.asarray(labels, dtype=np.int64))
+        self.pending = [k for k in range(meta.num_chunks) if not self._done[k]]
+
+    def _create(self, labels: np.ndarray) -> None:
+        meta = self.meta
+        shape = (meta.num_samples, meta.num_views, meta.num_classes)
+        chunks = (max(1, min(meta.chunk_samples, meta.num_samples)), meta.num_views, meta.num_classes)
+        if self.fmt == "zarr":
+            import zarr
+            from zarr.codecs import Crc32cCodec, ZstdCodec
+
+            group = zarr.open_group(str(self.tmp), mode="w")
+            group.attrs.update({**meta.to_attrs(), "complete": False})
+            self._logits = group.create_array("logits", shape=shape, chunks=chunks, dtype=meta.dtype,
+                                              fill_value=np.nan, compressors=[ZstdCodec(level=1), Crc32cCodec()])
+            group.create_array("labels", data=labels)
+            self._done = group.create_array("chunks_done", shape=(meta.num_chunks,), chunks=(1,), dtype=bool,
+                                            fill_value=False)
+        else:
             import h5py
 
-            with h5py.File(tmp, "w") as f:
-                logits = f.create_dataset("logits", shape=shape, chunks=chunks, dtype=meta.dtype)
-                f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-                _fill(logits, blocks, written)
-                f.attrs.update(meta.to_attrs())
-                f.attrs["complete"] = True
+            self._file = f = h5py.File(self.tmp, "w")
+            f.attrs.update({**meta.to_attrs(), "complete": False})
+            self._logits = f.create_dataset("logits", shape=shape, chunks=chunks, dtype=meta.dtype,
+                                            fillvalue=np.nan, fletcher32=True)
+            f.create_dataset("labels", data=labels)
+            self._done = f.create_dataset("chunks_done", shape=(meta.num_chunks,), dtype=bool, fillvalue=False)
+            f.flush()
+
+    def _resume(self) -> None:
+        try:
+            attrs, self._logits, self._done = self._open_partial()
+            found = StoreMeta.from_attrs(attrs, self.tmp)
+        except (StoreError, KeyError, OSError, ValueError) as e:
+            raise StoreError(f"{self.tmp}: an interrupted store that cannot be resumed ({e}); delete it to start "
+                             "over") from None
+        differences = found.differences(self.meta)
+        if differences:
+            self.close()
+            raise StoreError(f"{self.tmp}: an interrupted store made with other parameters; refusing to mix them "
+                             "in. Differences (interrupted vs now):\n  " + "\n  ".join(differences) +
+                             f"\nRun with the same parameters to resume it, or delete {self.tmp} to start over")
+
+    def _open_partial(self):
+        if self.fmt == "zarr":
+            import zarr
+
+            group = zarr.open_group(str(self.tmp), mode="r+")
+            return dict(group.attrs), group["logits"], group["chunks_done"]
+        import h5py
+
+        self._file = f = h5py.File(self.tmp, "r+")
+        return dict(f.attrs), f["logits"], f["chunks_done"]
+
+    @property
+    def chunks_done(self) -> int:
+        return int(np.asarray(self._done[:]).sum())
+
+    def write(self, k: int, logits: np.ndarray) -> None:
+        """Write chunk k (`logits`: its rows, (rows, V, C) float32), flush, then mark it done."""
+        first, stop = self.meta.chunk_rows(k)
+        expected = (stop - first, self.meta.num_views, self.meta.num_classes)
+        if logits.shape != expected:
+            raise StoreError(f"chunk {k} has shape {logits.shape}; expected {expected}")
+        check_logits(logits, first, self.meta.dtype, self.tmp)
+        self._logits[first:stop] = logits.astype(self.meta.dtype)
+        self._flush()
+        self._done[k] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def finish(self) -> None:
+        """Mark complete (every chunk must be done) and rename into place, replacing `path` atomically enough:
+        an existing store is moved aside first and deleted only after the new one is in place."""
+        done = np.asarray(self._done[:])
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise StoreError(f"{self.tmp}: {len(missing)} of {len(done)} chunks not written "
+                             f"(first missing: chunk {missing[0]}); run `kd cache` again to finish it")
+        if self.fmt == "zarr":
+            import zarr
+
+            zarr.open_group(str(self.tmp), mode="r+").attrs["complete"] = True
         else:
-            raise StoreError(f"unknown store format {fmt!r}; expected zarr or hdf5")
-        _remove(path)
-        tmp.rename(path)
-    except BaseException:
-        _remove(tmp)
-        raise
+            self._file.attrs["complete"] = True
+        self.close()
+        old = self.path.with_name(self.path.name + ".old")
+        _remove(old)
+        if self.path.exists():
+            self.path.rename(old)
+        self.tmp.rename(self.path)
+        _remove(old)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-def _fill(array, blocks: Iterable[tuple[int, np.ndarray]], written: np.ndarray) -> None:
-    for start, block in blocks:
-        array[start:start + len(block)] = block.astype(array.dtype, copy=False)
-        written[start:start + len(block)] = True
-    if not written.all():
-        raise StoreError(f"store blocks left {int((~written).sum())} rows unwritten")
+def write_store(path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray,
+                chunks: Iterable[tuple[int, np.ndarray]]) -> None:
+    """Write (or finish) the store at `path` from `(chunk index, logits of its rows)` pairs, then mark it complete.
+
+    An error leaves `<path>.partial` with the chunks written so far, to resume from; `path` is left as it was.
+    """
+    writer = StoreWriter(path, fmt, meta, labels)
+    try:
+        for k, logits in chunks:
+            writer.write(k, logits)
+        writer.finish()
+    finally:
+        writer.close()
 
 
 def _remove(path: Path) -> None:
@@ -127,13 +257,20 @@ def _remove(path: Path) -> None:
 class LogitStore:
     """A validated, read-only store. `read(samples, views)` gathers a batch in one sorted read.
 
-    When the logits fit in `max_memory_bytes` they are loaded into memory once on open.
+    When the logits fit in `max_memory_bytes` they are loaded into memory once on open (and checked
+    whole). Every read refuses NaN or infinite values (a missing chunk reads as NaN) and chunks whose
+    checksum fails, naming the store and the rows.
     """
 
     def __init__(self, path: str | Path, max_memory_bytes: int = 4 << 30):
         self.path = path = Path(path)
         if not path.exists():
-            raise StoreError(f"{path}: logit store not found; run `kd cache` (or `dvc repro cache`) first")
+            hint = ""
+            if path.with_name(path.name + ".old").exists():
+                hint = f" ({path.name}.old is the store it was replacing when that was interrupted)"
+            if path.with_name(path.name + ".partial").exists():
+                hint = f" ({path.name}.partial is an interrupted `kd cache`: run the same command again to finish it)"
+            raise StoreError(f"{path}: logit store not found{hint}; run `kd cache` (or `dvc repro cache`) first")
         if path.is_dir() and (path / "zarr.json").is_file():
             import zarr
 
@@ -143,18 +280,27 @@ class LogitStore:
         elif path.is_file() and _is_hdf5(path):
             import h5py
 
-            self._file = h5py.File(path, "r")
+            try:
+                self._file = h5py.File(path, "r")
+            except OSError as e:
+                raise StoreError(f"{path}: HDF5 file cannot be opened ({e}); it is truncated or damaged: rebuild it "
+                                 "with `kd cache`") from None
             attrs, self.format = dict(self._file.attrs), "hdf5"
             get = self._file.__getitem__
         else:
             raise StoreError(f"{path}: not a logit store (expected a zarr v3 group or an HDF5 file)")
-        if not attrs.get("complete", False):
-            raise StoreError(f"{path}: store is incomplete (no `complete` mark: its writer was interrupted); "
-                             "delete it and run `kd cache` again")
         version = int(attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
             raise StoreError(f"{path}: store format_version is {version}, this code reads {FORMAT_VERSION}; "
                              "rebuild it with `kd cache`")
+        if not attrs.get("complete", False):
+            try:
+                done = np.asarray(get("chunks_done")[:])
+                progress = f"{int(done.sum())} of {len(done)} chunks written"
+            except Exception:  # noqa: BLE001 -- only for the message
+                progress = "progress unknown"
+            raise StoreError(f"{path}: store is incomplete ({progress}; no `complete` mark: its writer was "
+                             "interrupted); run the `kd cache` command that made it again to finish it")
         self.meta = meta = StoreMeta.from_attrs(attrs, path)
         try:
             logits, labels = get("logits"), get("labels")
@@ -164,10 +310,31 @@ class LogitStore:
         if tuple(logits.shape) != expected or tuple(labels.shape) != (meta.num_samples,):
             raise StoreError(f"{path}: logits shape {tuple(logits.shape)} / labels shape {tuple(labels.shape)} "
                              f"disagree with the metadata {expected}")
-        self.labels = np.asarray(labels[:])
+        self.labels = np.asarray(self._guarded(lambda: labels[:], "labels"))
         nbytes = int(np.prod(expected)) * np.dtype(meta.dtype).itemsize
         self.in_memory = nbytes <= max_memory_bytes
-        self._logits = np.asarray(logits[:]) if self.in_memory else logits
+        self._logits = logits
+        if self.in_memory:
+            self._logits = np.asarray(self._guarded(lambda: logits[:], "all rows"))
+            self._check_finite(self._logits, np.arange(meta.num_samples))
+
+    def _guarded(self, read, rows: str):
+        """Run `read()`, turning a failed checksum, truncated chunk or I/O error into a StoreError."""
+        try:
+            return read()
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StoreError(f"{self.path}: cannot read {rows}: a chunk is corrupt or truncated "
+                             f"({type(e).__name__}: {str(e)[:200]}); rebuild the store with `kd cache` "
+                             "(`kd cache verify` checks every chunk)") from None
+
+    def _check_finite(self, logits: np.ndarray, samples: np.ndarray) -> None:
+        bad = ~np.isfinite(logits)
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            sample = int(samples[where[0]])
+            raise StoreError(f"{self.path}: logits of sample {sample} are not finite ({logits[tuple(where)]}): "
+                             "a chunk is missing (it reads as NaN) or the store holds NaN/inf; rebuild it with "
+                             "`kd cache`")
 
     def read(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Logits (B, C) in the store's dtype for pairs (samples[b], views[b]); one sorted read per batch."""
@@ -175,19 +342,28 @@ class LogitStore:
         if self.in_memory:
             return self._logits[samples, views]
         unique, inverse = np.unique(samples, return_inverse=True)  # sorted: one pass over the chunks
-        rows = self._logits.oindex[unique] if self.format == "zarr" else self._logits[unique]
-        return rows[inverse, views]
+        reader = (lambda: self._logits.oindex[unique]) if self.format == "zarr" else (lambda: self._logits[unique])
+        rows = self._guarded(reader, f"rows {unique[0]}..{unique[-1]}")[inverse, views]
+        self._check_finite(rows, samples)
+        return rows
 
-    def check_matches(self, teacher_fingerprint: str, dataset_fingerprint: str) -> None:
-        """Raise StoreError unless the store was made by this teacher from this dataset."""
-        if self.meta.dataset_fingerprint != dataset_fingerprint:
-            raise StoreError(f"{self.path}: store was made from another dataset or split "
-                             f"(fingerprint {self.meta.dataset_fingerprint[:12]}..., current "
-                             f"{dataset_fingerprint[:12]}...); rebuild it with `kd cache`")
-        if self.meta.teacher_fingerprint != teacher_fingerprint:
-            raise StoreError(f"{self.path}: store was made by another teacher (weights fingerprint "
-                             f"{self.meta.teacher_fingerprint[:12]}..., given teacher {teacher_fingerprint[:12]}...); "
-                             "rebuild it with `kd cache` or pass the teacher that made it")
+    def verify_chunks(self) -> int:
+        """Read every chunk (checksums are verified on decode) and check it is finite; return the chunk count."""
+        for k in range(self.meta.num_chunks):
+            first, stop = self.meta.chunk_rows(k)
+            block = np.asarray(self._guarded(lambda: self._logits[first:stop], f"chunk {k} (rows {first}..{stop - 1})"))
+            self._check_finite(block.reshape(len(block), -1), np.arange(first, stop))
+        return self.meta.num_chunks
+
+    def check_run(self, **expected) -> None:
+        """Raise StoreError naming each field (of StoreMeta) where the store differs from this run's value."""
+        mine = asdict(self.meta)
+        differences = [f"{k}: store {_short(mine[k])}, this run {_short(v)}" for k, v in expected.items()
+                       if mine[k] != v]
+        if differences:
+            raise StoreError(f"{self.path}: the store does not belong to this run; differing fields:\n  " +
+                             "\n  ".join(differences) + "\nRebuild it with `kd cache` (or `dvc repro cache`), or "
+                             "run with the params, teacher and data that made it")
 
 
 def _is_hdf5(path: Path) -> bool:

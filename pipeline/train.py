@@ -20,7 +20,7 @@ from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
 from pipeline.params import CacheParams, DistillParams, OptimParams
 from pipeline.replay import EpochSampler, ReplayDataset, build_augment, epoch_pairs
-from pipeline.store import LogitStore, StoreMeta, write_store
+from pipeline.store import LogitStore, StoreMeta, StoreWriter
 
 Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochLog = Callable[[int, dict], None]
@@ -45,46 +45,58 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: tor
                       generator=torch.Generator())
 
 
-def teacher_logit_blocks(teacher: nn.Module, images, transform, seed: int, num_views: int, batch_size: int,
-                         block_samples: int, device: torch.device, num_workers: int = 0
-                         ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(first_row, logits[rows, V, C])` for every training sample and view, block by block.
+def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta, chunks: list[int], batch_size: int,
+                         device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(k, logits[rows of chunk k, V, C])` float32 for each chunk index in `chunks`.
 
-    View v of sample i is `replay_view(images[i], transform, seed, i, v)`; blocks follow the store's chunks.
+    View v of sample i is `replay_view(images[i], transform, meta.seed, i, v)`.
     """
-    n = len(images)
-    dataset = ReplayDataset(images, torch.zeros(n, dtype=torch.long), transform, seed)
-    blocks = [(start, min(n, start + block_samples)) for start in range(0, n, block_samples)]
-    sampler = EpochSampler(lambda b: [(i, v) for i in range(*blocks[b]) for v in range(num_views)], n)
+    dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed)
+    pairs = lambda k: [(i, v) for i in range(*meta.chunk_rows(k)) for v in range(meta.num_views)]  # noqa: E731
+    sampler = EpochSampler(lambda n: pairs(chunks[n]), len(images))
     loader = make_loader(dataset, sampler, batch_size, num_workers, device)
-    with tqdm(total=n * num_views, desc="cache", unit="view") as bar:
-        for b, (start, stop) in enumerate(blocks):
-            sampler.epoch = b
-            block = None
+    total = sum(len(pairs(k)) for k in chunks)
+    with tqdm(total=total, desc="cache", unit="view") as bar:
+        for n, k in enumerate(chunks):
+            sampler.epoch = n
+            first, stop = meta.chunk_rows(k)
+            block = np.empty((stop - first, meta.num_views, meta.num_classes), dtype=np.float32)
             for x, _, i, v in loader:
-                logits = teacher_forward(teacher, x, device).numpy()
-                if block is None:
-                    block = np.empty((stop - start, num_views, logits.shape[1]), dtype=np.float32)
-                block[i.numpy() - start, v.numpy()] = logits
+                block[i.numpy() - first, v.numpy()] = teacher_forward(teacher, x, device).numpy()
                 bar.update(len(x))
-            yield start, block
+            yield k, block
+
+
+def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,
+                   augment: list, mean, std) -> StoreMeta:
+    """The metadata of the store this teacher, data and `cache` params make (and that a run must find)."""
+    return StoreMeta(num_samples=len(train), num_views=cfg.num_views, num_classes=num_classes, augment=augment,
+                     mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, chunk_samples=cfg.chunk_samples,
+                     teacher_arch=teacher_arch, teacher_fingerprint=weights_fingerprint(teacher),
+                     dataset_fingerprint=fingerprint(train))
 
 
 def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split,
                          num_classes: int, augment: list, mean, std, device: torch.device,
-                         num_workers: int = 0) -> StoreMeta:
+                         num_workers: int = 0) -> tuple[StoreMeta, int]:
     """Run `teacher` over `cfg.num_views` replayed views of every sample of `train`; write the store at `path`.
 
     The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v).
+    An interrupted run left `<path>.partial`: only its unfinished chunks are computed. Returns (meta, number
+    of chunks that were already done).
     """
-    meta = StoreMeta(num_samples=len(train), num_views=cfg.num_views, num_classes=num_classes, augment=augment,
-                     mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, teacher_arch=teacher_arch,
-                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
-    transform = input_transform(build_augment(augment), mean, std)
-    blocks = teacher_logit_blocks(teacher.to(device), train.images, transform, cfg.seed, cfg.num_views,
-                                  cfg.batch_size, cfg.chunk_samples, device, num_workers)
-    write_store(path, cfg.format, meta, train.labels.numpy(), blocks, cfg.chunk_samples)
-    return meta
+    meta = expected_store(cfg, teacher, teacher_arch, train, num_classes, augment, mean, std)
+    writer = StoreWriter(path, cfg.format, meta, train.labels.numpy())
+    try:
+        resumed = meta.num_chunks - len(writer.pending)
+        transform = input_transform(build_augment(augment), mean, std)
+        for k, block in teacher_logit_chunks(teacher.to(device), train.images, transform, meta, writer.pending,
+                                             cfg.batch_size, device, num_workers):
+            writer.write(k, block)
+        writer.finish()
+    finally:
+        writer.close()
+    return meta, resumed
 
 
 def store_targets(store: LogitStore) -> Targets:

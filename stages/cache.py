@@ -1,19 +1,30 @@
-"""`kd cache`: run the teacher once over every (training sample, view) and store its raw logits."""
+"""`kd cache`: run the teacher once over every (training sample, view) and store its raw logits;
+`kd cache verify STORE`: check a store's every chunk and recompute a sample of its logits."""
 
 import click
 
 from stages.common import device_option, params_option, setup, stage
 
+teacher_option = click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
+                              help="Teacher checkpoint.")
 
-@click.command()
+
+@click.group(invoke_without_command=True)
 @params_option
 @device_option
-@click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
-              help="Teacher checkpoint.")
-@click.option("--out", required=True, help="Store to write: a zarr directory or an HDF5 file (cache.format).")
+@teacher_option
+@click.option("--out", default=None, help="Store to write: a zarr directory or an HDF5 file (cache.format).")
+@click.pass_context
 @stage
-def cache(params_path, device, teacher_path, out):
-    """Write the teacher's logits for cache.num_views replayed views of each training sample to OUT."""
+def cache(ctx, params_path, device, teacher_path, out):
+    """Write the teacher's logits for cache.num_views replayed views of each training sample to OUT.
+
+    A run that was killed left OUT.partial: the same command finishes it without recomputing finished chunks.
+    """
+    if ctx.invoked_subcommand:
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the store to write)")
     from pipeline.data import load_dataset
     from pipeline.models import load_checkpoint
     from pipeline.train import cache_teacher_logits
@@ -22,7 +33,59 @@ def cache(params_path, device, teacher_path, out):
     data = load_dataset(params.data)
     teacher, ckpt = load_checkpoint(teacher_path)
     cfg = params.cache
-    meta = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes, params.augment,
-                                data.mean, data.std, device, params.num_workers)
+    meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
+                                         params.augment, data.mean, data.std, device, params.num_workers)
+    if resumed:
+        click.echo(f"Resumed an interrupted run: {resumed} of {meta.num_chunks} chunks were already done")
     click.echo(f"Wrote {out} ({cfg.format}): {meta.num_samples} samples x {meta.num_views} views x "
                f"{meta.num_classes} classes, {meta.dtype}")
+
+
+@cache.command()
+@click.argument("store_path", metavar="STORE")
+@params_option
+@device_option
+@teacher_option
+@click.option("--samples", default=64, show_default=True, help="Random (sample, view) entries to recompute.")
+@stage
+def verify(store_path, params_path, device, teacher_path, samples):
+    """Check every chunk of STORE (present, checksum, finite), that it belongs to this teacher and data, and
+    recompute SAMPLES random (sample, view) logits with the teacher; exit 1 on any difference."""
+    import numpy as np
+    import torch
+
+    from pipeline import KDError
+    from pipeline.data import fingerprint, input_transform, load_dataset
+    from pipeline.models import load_checkpoint, weights_fingerprint
+    from pipeline.replay import build_augment, replay_view
+    from pipeline.store import LogitStore
+    from pipeline.train import teacher_forward
+
+    params, device = setup(params_path, device)
+    store = LogitStore(store_path, max_memory_bytes=0)
+    meta = store.meta
+    chunks = store.verify_chunks()
+    click.echo(f"{store_path}: {chunks} chunks present, checksums and values valid "
+               f"({meta.num_samples} samples x {meta.num_views} views x {meta.num_classes} classes, {meta.dtype})")
+    data = load_dataset(params.data)
+    teacher, _ = load_checkpoint(teacher_path)
+    store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train))
+    click.echo("teacher and dataset fingerprints match")
+    rng = np.random.default_rng(0)
+    rows = rng.integers(meta.num_samples, size=samples)
+    views = rng.integers(meta.num_views, size=samples)
+    transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
+    x = torch.stack([replay_view(data.train.images[int(i)], transform, meta.seed, int(i), int(v))
+                     for i, v in zip(rows, views)])
+    fresh = teacher_forward(teacher.to(device), x, device).numpy()
+    stored = store.read(rows, views).astype(np.float32)
+    # float16 storage rounds to 11 significant bits; float32 only differs by the teacher's batch arithmetic
+    tolerance = 2e-3 if meta.dtype == "float16" else 1e-4
+    error = np.abs(stored - fresh) / np.maximum(np.abs(fresh), 1.0)
+    worst = int(error.max(axis=1).argmax())
+    if error.max() > tolerance:
+        raise KDError(f"{store_path}: {(error.max(axis=1) > tolerance).sum()} of {samples} recomputed entries "
+                      f"differ beyond {tolerance:g} (worst: sample {rows[worst]}, view {views[worst]}, relative "
+                      f"error {error.max():.3g}); the store does not hold this teacher's logits: rebuild it")
+    click.echo(f"{samples} recomputed (sample, view) entries agree (largest relative error {error.max():.2g}, "
+               f"tolerance {tolerance:g} for {meta.dtype})")

@@ -27,6 +27,10 @@ def stage(func):
             if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message
                 message = message.rstrip().rsplit("KDError: ", 1)[-1]
             raise click.ClickException(message) from None
+        except OSError as e:  # e.g. an output under a folder that cannot be written
+            where = e.filename or "a file"
+            raise click.ClickException(f"{where}: {e.strerror or e}; check that the path exists and is "
+                                       "writable (or readable, for inputs)") from None
 
     return wrapper
 

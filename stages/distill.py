@@ -29,18 +29,18 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     cfg = params.distill
     data = load_dataset(params.data)
     teacher, _ = load_checkpoint(teacher_path)
+    augment, mean, std = params.augment, data.mean, data.std
+    replay_seed, num_views = params.cache.seed, params.cache.num_views
     if cfg.teacher_source == "cache":
         if cache_path is None:
             raise KDError("distill.teacher_source is cache but no --cache store was given")
         store = LogitStore(cache_path)
-        store.check_matches(weights_fingerprint(teacher), fingerprint(data.train))
-        # The store, not params.yaml, says which views its logits belong to.
-        meta = store.meta
-        augment, mean, std, replay_seed, num_views = meta.augment, meta.mean, meta.std, meta.seed, meta.num_views
+        # The views this run replays must be the ones the store's logits belong to: refuse any difference.
+        store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
+                        augment=augment, mean=list(mean), std=list(std), seed=replay_seed, num_views=num_views,
+                        num_samples=len(data.train), num_classes=data.num_classes)
         targets = store_targets(store)
     else:
-        augment, mean, std = params.augment, data.mean, data.std
-        replay_seed, num_views = params.cache.seed, params.cache.num_views
         targets = online_targets(teacher.to(device), device)
     in_channels, image_size = data.image_shape[0], data.image_shape[-1]
     student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,

@@ -28,7 +28,7 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, stu
 
     from pipeline.data import input_transform, load_dataset
     from pipeline.models import load_checkpoint
-    from pipeline.report import markdown_report, plot_training, read_history
+    from pipeline.report import markdown_report, plot_training, read_history, write_text
     from pipeline.train import accuracy
 
     params, device = setup(params_path, device)
@@ -46,12 +46,11 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, stu
                   figure)
     d = params.distill
     settings = {"student": d.student, "temperature T": d.temperature, "kd_weight λ": d.kd_weight,
-                "views per sample": params.cache.num_views, "view schedule": d.view_schedule,
+                "ce_weight α": d.ce_weight, "views per sample": params.cache.num_views, "view schedule": d.view_schedule,
                 "epochs": d.epochs, "augment": params.augment, "teacher source": d.teacher_source}
     report = markdown_report(metrics, settings, os.path.relpath(figure, Path(report_path).parent))
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(report_path).write_text(report)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(report_path, report)
+    write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
     click.echo(f"Teacher test accuracy: {100 * acc['teacher']:.2f} %")
     click.echo(f"Baseline (student alone) test accuracy: {100 * acc['baseline']:.2f} %")
     click.echo(f"Student model test accuracy: {100 * acc['student']:.2f} %")

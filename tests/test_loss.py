@@ -41,7 +41,9 @@ def test_kl_is_a_batch_mean_and_scaled_by_t_squared():
 
 
 def test_float16_teacher_logits_are_accepted_and_carry_no_gradient():
+    # The teacher's logits arrive wanting a gradient (a live teacher run without no_grad): the loss must not send one.
     s = torch.randn(4, 10, requires_grad=True)
-    t = torch.randn(4, 10).half()
+    t = torch.randn(4, 10).half().requires_grad_()
     kd_loss(s, t, torch.randint(10, (4,)), 4.0, 1.0).backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
+    assert t.grad is None

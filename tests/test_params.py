@@ -85,3 +85,17 @@ def test_every_bad_value_is_reported_at_once(tmp_path):
 def test_every_recipe_validates(recipe):
     params = load_params(recipe)  # every key known, every value allowed
     assert params.data.name != "digits"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("device", "tpu", r"device is 'tpu'; expected auto, cpu, cuda, cuda:N or mps"),
+    ("device", "gpu", r"device is 'gpu'"),
+    ("augment", [{"Resize": {"size": 8}}], r"augment\[0\]: Resize is deterministic preprocessing"),
+    ("augment", [{"RandomCrop": {"size": 8}}, {"Normalize": {"mean": [0.5], "std": [0.0]}}],
+     r"augment\[1\]: Normalize is deterministic"),
+    ("augment", [{"RandomAffine": {"degres": 10}}], r"augment\[0\]: RandomAffine\(.*degres"),
+    ("data.normalize", {"mean": [0.5], "std": [0.0]}, r"data.normalize"),
+])
+def test_devices_and_augmentation_are_checked_before_any_work(tmp_path, key, value, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path / "params.yaml", **{key: value}))

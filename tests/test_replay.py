@@ -24,7 +24,7 @@ SPECS = {
                           {"RandomErasing": {"p": 1.0}}, {"RandomInvert": {}}],
     "auto_augment": [{"RandAugment": {}}, {"TrivialAugmentWide": {}}, {"AugMix": {}}],
     "elastic_noise": [{"ElasticTransform": {"alpha": 20.0, "sigma": 2.0}}, {"GaussianNoise": {}}],
-    "zoom": [{"RandomZoomOut": {"side_range": [1.0, 2.0]}}, {"Resize": {"size": [16, 16], "antialias": True}}],
+    "zoom": [{"RandomZoomOut": {"side_range": [1.0, 2.0]}}, {"RandomResizedCrop": {"size": [16, 16], "antialias": True}}],
 }
 
 

@@ -100,7 +100,8 @@ def test_distill_refuses_store_from_another_teacher(workdir):
     assert invoke("cache", "--params", params, "--teacher", "t1.pt", "--out", "s.zarr").exit_code == 0
     save_checkpoint(build_model("tiny_cnn", 1, 10), "tiny_cnn", 1, 10, workdir / "t2.pt")
     result = invoke("distill", "--params", params, "--teacher", "t2.pt", "--cache", "s.zarr")
-    assert result.exit_code == 1 and "store was made by another teacher" in result.output
+    assert result.exit_code == 1 and "does not belong to this run" in result.output
+    assert "teacher_fingerprint: store" in result.output
     assert not (workdir / "models/student.pt").exists()
 
 
@@ -109,19 +110,51 @@ def test_distill_refuses_missing_or_incomplete_store(workdir):
     assert invoke("teacher", "--params", params).exit_code == 0
     result = invoke("distill", "--params", params, "--cache", "nothing.zarr")
     assert result.exit_code == 1 and "nothing.zarr: logit store not found" in result.output
-    (workdir / "half.zarr").mkdir()
-    (workdir / "half.zarr/zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    from pipeline.store import StoreMeta, StoreWriter
+
+    meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", 4, "cnn", "t", "d")
+    writer = StoreWriter(workdir / "half.zarr", "zarr", meta, np.zeros(10, np.int64))
+    writer.write(0, np.zeros((4, 2, 10), np.float32))  # then killed: never finished
+    result = invoke("distill", "--params", params, "--cache", "half.zarr.partial")
+    assert result.exit_code == 1 and "store is incomplete (1 of 3 chunks written" in result.output
     result = invoke("distill", "--params", params, "--cache", "half.zarr")
-    assert result.exit_code == 1 and "store is incomplete" in result.output
+    assert result.exit_code == 1 and "half.zarr.partial is an interrupted `kd cache`" in result.output
 
 
-def test_failed_cache_leaves_no_store(workdir):
-    params = write_params(workdir / "params.yaml")
+def test_failed_cache_leaves_no_store(workdir, monkeypatch):
+    """The teacher fails after the first chunk is written: no store appears, and an older one is left as it was.
+
+    (Whether `<out>.partial` is kept, to resume from, is the writer's business; it is never the store.)
+    """
+    import pipeline.train
+    from pipeline.store import LogitStore
+
+    params = write_params(workdir / "params.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200})
     assert invoke("teacher", "--params", params).exit_code == 0
-    bad = write_params(workdir / "bad.yaml", augment=[{"RandomAfine": {"degrees": 5}}])
-    result = invoke("cache", "--params", bad, "--out", "s.zarr")
-    assert result.exit_code == 1 and "'RandomAfine' is not a torchvision.transforms.v2 transform" in result.output
-    assert not (workdir / "s.zarr").exists() and not (workdir / "s.zarr.partial").exists()
+    assert invoke("cache", "--params", params, "--out", "old.zarr").exit_code == 0
+    old = LogitStore("old.zarr")
+    every_pair = np.repeat(np.arange(old.meta.num_samples), 2), np.tile(np.arange(2), old.meta.num_samples)
+    old_meta, old_logits = old.meta, old.read(*every_pair)
+
+    teacher_forward, written_so_far = pipeline.train.teacher_forward, []
+
+    def fails_on_the_second_chunk(teacher, x, device):  # one call per chunk: batch_size = chunk_samples x 2 views
+        written_so_far.append(sorted(str(p) for p in workdir.glob(f"{out}*") if p.name != "old.zarr"))
+        if len(written_so_far) == 2:  # the first chunk is on disk (in new.zarr.partial today): the write is under way
+            raise RuntimeError("boom")
+        return teacher_forward(teacher, x, device)
+
+    monkeypatch.setattr(pipeline.train, "teacher_forward", fails_on_the_second_chunk)
+    reseeded = write_params(workdir / "reseeded.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200,
+                                                          "cache.seed": 1})  # other logits than old.zarr's
+    for out in ("new.zarr", "old.zarr"):
+        written_so_far.clear()
+        result = invoke("cache", "--params", reseeded, "--out", out)
+        assert isinstance(result.exception, RuntimeError) and str(result.exception) == "boom", result.output
+        assert result.exit_code != 0 and len(written_so_far) == 2 and written_so_far[1], written_so_far
+    assert not (workdir / "new.zarr").exists()
+    kept = LogitStore("old.zarr")
+    assert kept.meta == old_meta and np.array_equal(kept.read(*every_pair), old_logits)
 
 
 def test_same_params_give_the_same_teacher(workdir):
@@ -190,3 +223,40 @@ def test_malformed_data_file_is_one_clear_message(workdir):
     result = invoke("teacher", "--params", params)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "train-images-idx3-ubyte" in result.output and "expected 0x00000803" in result.output, result.output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_cache_verify_checks_chunks_and_recomputes_entries(workdir, fmt):
+    import h5py
+    import zarr
+
+    params = write_params(workdir / "params.yaml", **{"cache.format": fmt})
+    assert invoke("teacher", "--params", params).exit_code == 0
+    store = f"s.{fmt}"
+    assert invoke("cache", "--params", params, "--out", store).exit_code == 0
+    result = invoke("cache", "verify", store, "--params", params, "--samples", "32")
+    assert result.exit_code == 0, result.output
+    assert "chunks present, checksums and values valid" in result.output and "32 recomputed" in result.output
+    # Logits that are well-formed but not this teacher's (checksums recomputed on write): caught by recomputing.
+    if fmt == "zarr":
+        logits = zarr.open_group(store, mode="r+")["logits"]
+        logits[:] = logits[:] + 1
+    else:
+        with h5py.File(store, "a") as f:
+            f["logits"][:] = f["logits"][:] + 1
+    result = invoke("cache", "verify", store, "--params", params, "--samples", "32")
+    assert result.exit_code == 1 and "32 of 32 recomputed entries differ" in result.output, result.output
+
+
+def test_cache_verify_finds_a_missing_chunk(workdir):
+    params = write_params(workdir / "params.yaml")
+    assert invoke("teacher", "--params", params).exit_code == 0
+    assert invoke("cache", "--params", params, "--out", "s.zarr").exit_code == 0
+    (workdir / "s.zarr/logits/c/3/0/0").unlink()
+    result = invoke("cache", "verify", "s.zarr", "--params", params)
+    assert result.exit_code == 1 and "sample 300 are not finite" in result.output, result.output
+
+
+def test_cache_without_out_is_a_usage_error(workdir):
+    result = invoke("cache", "--params", write_params(workdir / "params.yaml"))
+    assert result.exit_code == 2 and "Missing option '--out'" in result.output

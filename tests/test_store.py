@@ -9,7 +9,7 @@ import zarr
 from pipeline.data import fingerprint
 from pipeline.models import weights_fingerprint
 from pipeline.replay import build_augment, replay_view
-from pipeline.store import LogitStore, StoreError, StoreMeta, write_store
+from pipeline.store import LogitStore, StoreError, StoreMeta, StoreWriter, write_store
 from pipeline.train import teacher_forward
 from conftest import AUGMENT, TRANSFORM, make_store
 
@@ -57,18 +57,47 @@ def test_missing_store_is_a_clear_error(tmp_path):
         LogitStore(tmp_path / "nothing.zarr")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_interrupted_write_leaves_no_store(fmt, teacher, train_subset, tmp_path):
-    meta = StoreMeta(96, 2, 10, [], [0.0], [1.0], 0, "float16", "cnn", "t", "d")
+def meta(num_samples=96, chunk_samples=32, dtype="float16", **changes) -> StoreMeta:
+    fields = dict(num_samples=num_samples, num_views=2, num_classes=10, augment=[], mean=[0.0], std=[1.0], seed=0,
+                  dtype=dtype, chunk_samples=chunk_samples, teacher_arch="cnn", teacher_fingerprint="t",
+                  dataset_fingerprint="d")
+    return StoreMeta(**{**fields, **changes})
 
-    def blocks():
-        yield 0, np.zeros((32, 2, 10), np.float32)
+
+def logits(rows, seed=0):
+    return np.random.default_rng(seed).normal(0, 3, (rows, 2, 10)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_interrupted_write_keeps_its_progress_and_resumes(fmt, tmp_path):
+    path = tmp_path / f"s.{fmt}"
+
+    def chunks():
+        yield 0, logits(32)
         raise KeyboardInterrupt  # killed mid-way
 
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, fmt, meta(), np.zeros(96, np.int64), chunks())
+    assert not path.exists()  # nothing that looks finished
+    with pytest.raises(StoreError, match=r"incomplete \(1 of 3 chunks written.*run the `kd cache` command"):
+        LogitStore(path.with_name(path.name + ".partial"))
+    writer = StoreWriter(path, fmt, meta(), np.zeros(96, np.int64))
+    assert writer.pending == [1, 2]  # chunk 0 is not computed again
+    for k in writer.pending:
+        writer.write(k, logits(32, seed=k))
+    writer.finish()
+    store = LogitStore(path)
+    assert np.array_equal(store.read(np.arange(32), np.zeros(32, int)), logits(32)[:, 0].astype(np.float16))
+    assert not path.with_name(path.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resuming_with_other_parameters_is_refused(fmt, tmp_path):
     path = tmp_path / f"s.{fmt}"
     with pytest.raises(KeyboardInterrupt):
-        write_store(path, fmt, meta, np.zeros(96, np.int64), blocks(), 32)
-    assert list(tmp_path.iterdir()) == []
+        write_store(path, fmt, meta(), np.zeros(96, np.int64), _then_interrupt([(0, logits(32))]))
+    with pytest.raises(StoreError, match=r"other parameters.*\n  seed: 0 vs 5\n  teacher_fingerprint: t vs u"):
+        StoreWriter(path, fmt, meta(teacher_fingerprint="u", seed=5), np.zeros(96, np.int64))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -84,12 +113,94 @@ def test_store_without_complete_mark_is_refused(fmt, teacher, train_subset, tmp_
         LogitStore(path)
 
 
-def test_store_missing_rows_is_never_marked_complete(tmp_path):
-    meta = StoreMeta(10, 1, 10, [], [0.0], [1.0], 0, "float16", "cnn", "t", "d")
-    with pytest.raises(StoreError, match="4 rows unwritten"):
-        write_store(tmp_path / "s.zarr", "zarr", meta, np.zeros(10, np.int64),
-                    [(0, np.zeros((6, 1, 10), np.float32))], 4)
+def test_store_missing_chunks_is_never_marked_complete(tmp_path):
+    with pytest.raises(StoreError, match="2 of 3 chunks not written"):
+        write_store(tmp_path / "s.zarr", "zarr", meta(num_samples=10, chunk_samples=4), np.zeros(10, np.int64),
+                    [(0, logits(4))])
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_new_store_replaces_the_old_only_when_complete(fmt, tmp_path):
+    path = tmp_path / f"s.{fmt}"
+    write_store(path, fmt, meta(num_samples=4, chunk_samples=4), np.zeros(4, np.int64), [(0, logits(4))])
+    with pytest.raises(KeyboardInterrupt):
+        write_store(path, fmt, meta(num_samples=8, chunk_samples=4), np.zeros(8, np.int64),
+                    _then_interrupt([(0, logits(4, seed=1))]))
+    assert LogitStore(path).meta.num_samples == 4  # the old store is whole and in place
+
+
+def _then_interrupt(chunks):
+    yield from chunks
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_logits_are_refused_at_write_naming_sample_and_view(fmt, bad, tmp_path):
+    block = logits(4)
+    block[2, 1, 5] = bad
+    with pytest.raises(StoreError, match="sample 2, view 1 are not finite"):
+        write_store(tmp_path / f"s.{fmt}", fmt, meta(num_samples=4, chunk_samples=4), np.zeros(4, np.int64),
+                    [(0, block)])
+
+
+def test_logits_beyond_float16_are_refused_not_stored_as_inf(tmp_path):
+    block = logits(4)
+    block[3, 0, 0] = 7e4
+    with pytest.raises(StoreError, match="sample 3, view 0 exceeds float16's range.*cache.dtype: float32"):
+        write_store(tmp_path / "s.zarr", "zarr", meta(num_samples=4, chunk_samples=4), np.zeros(4, np.int64),
+                    [(0, block)])
+    write_store(tmp_path / "s32.zarr", "zarr", meta(num_samples=4, chunk_samples=4, dtype="float32"),
+                np.zeros(4, np.int64), [(0, block)])  # float32 holds it
+
+
+def complete_store(path, fmt, num_samples=8, chunk_samples=4):
+    write_store(path, fmt, meta(num_samples=num_samples, chunk_samples=chunk_samples), np.zeros(num_samples, np.int64),
+                [(k, logits(chunk_samples, seed=k)) for k in range(num_samples // chunk_samples)])
+    return path
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_deleted_zarr_chunk_is_refused_never_read_as_zeros(in_memory, tmp_path):
+    path = complete_store(tmp_path / "s.zarr", "zarr")
+    (path / "logits/c/1/0/0").unlink()
+    with pytest.raises(StoreError, match="sample 4 are not finite.*chunk is missing"):
+        LogitStore(path, max_memory_bytes=1 << 30 if in_memory else 0).read(np.arange(8), np.zeros(8, int))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_truncated_zarr_chunk_is_a_clear_error(in_memory, tmp_path):
+    path = complete_store(tmp_path / "s.zarr", "zarr")
+    chunk = path / "logits/c/0/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    with pytest.raises(StoreError, match="corrupt or truncated"):
+        LogitStore(path, max_memory_bytes=1 << 30 if in_memory else 0).read(np.arange(8), np.zeros(8, int))
+
+
+def test_a_flipped_byte_fails_the_zarr_checksum(tmp_path):
+    path = complete_store(tmp_path / "s.zarr", "zarr")
+    chunk = path / "logits/c/1/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="chunk 1 .*corrupt"):
+        LogitStore(path, max_memory_bytes=0).verify_chunks()
+
+
+def test_a_truncated_hdf5_file_is_a_clear_error(tmp_path):
+    path = complete_store(tmp_path / "s.hdf5", "hdf5", num_samples=400, chunk_samples=100)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(StoreError, match="s.hdf5.*(truncated or damaged|corrupt or truncated)"):
+        LogitStore(path).read(np.arange(8), np.zeros(8, int))
+
+
+def test_nan_in_a_stored_hdf5_chunk_is_refused_at_read(tmp_path):
+    path = complete_store(tmp_path / "s.hdf5", "hdf5")
+    with h5py.File(path, "a") as f:
+        f["logits"][5, 1, 3] = np.nan
+    with pytest.raises(StoreError, match="sample 5 are not finite"):
+        LogitStore(path, max_memory_bytes=0).read(np.array([0, 5]), np.array([0, 1]))
 
 
 def test_not_a_store_is_refused(tmp_path):
@@ -99,12 +210,17 @@ def test_not_a_store_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_store_from_another_teacher_or_dataset_is_refused(fmt, teacher, train_subset, tmp_path):
+def test_store_from_another_teacher_dataset_or_augmentation_is_refused_naming_each_field(fmt, teacher, train_subset,
+                                                                                        tmp_path):
     store = LogitStore(make_store(tmp_path / f"s.{fmt}", fmt, "float16", teacher, train_subset))
-    store.check_matches(weights_fingerprint(teacher), fingerprint(train_subset))  # the right pair passes
+    right = dict(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train_subset),
+                 augment=AUGMENT, seed=7, num_views=3)
+    store.check_run(**right)  # the right run passes
     other = type(teacher)(1, 10)
-    with pytest.raises(StoreError, match="another teacher"):
-        store.check_matches(weights_fingerprint(other), fingerprint(train_subset))
     shifted = type(train_subset)(train_subset.images.flip(0), train_subset.labels.flip(0))
-    with pytest.raises(StoreError, match="another dataset"):
-        store.check_matches(weights_fingerprint(teacher), fingerprint(shifted))
+    with pytest.raises(StoreError) as e:
+        store.check_run(**{**right, "teacher_fingerprint": weights_fingerprint(other),
+                           "dataset_fingerprint": fingerprint(shifted), "augment": [], "seed": 8, "num_views": 4})
+    for field in ("teacher_fingerprint", "dataset_fingerprint", "augment: store [", "seed: store 7, this run 8",
+                  "num_views: store 3, this run 4"):
+        assert field in str(e.value)

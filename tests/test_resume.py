@@ -1,0 +1,99 @@
+"""A `kd cache` killed with SIGKILL at any moment resumes where it stopped and ends bit-identical to a
+run that was never interrupted (real subprocesses, real zarr and HDF5 files)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from conftest import write_params
+
+KD = [sys.executable, "-m", "stages.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An untrained (seeded) cnn teacher: slow enough (~8 s for the cache) to be killed mid-way."""
+    root = tmp_path_factory.mktemp("resume")
+    params = write_params(root / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
+                                                   "cache.chunk_samples": 64, "cache.batch_size": 32})
+    subprocess.run([*KD, "teacher", "--params", str(params), "--out", str(root / "teacher.pt")], check=True,
+                   env=ENV, capture_output=True)
+    return root, params
+
+
+def cache(params, root, out, kill_at=None):
+    """Run `kd cache`; with `kill_at` (views done), SIGKILL it once tqdm reports that many. Returns stderr."""
+    args = [*KD, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
+    proc = subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1)
+    seen = ""
+    while True:
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+        if kill_at is not None and char == "[":  # tqdm: "cache:  40%|####  | 864/2154 [00:03<..."
+            done = re.findall(r"(\d+)/\d+ \[$", seen)
+            if done and int(done[-1]) >= kill_at:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    if kill_at is None:
+        assert proc.returncode == 0, seen[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    return seen
+
+
+def contents(path, fmt):
+    """(logits, labels, attributes) of a finished store."""
+    if fmt == "zarr":
+        group = zarr.open_group(str(path), mode="r")
+        return group["logits"][:], group["labels"][:], dict(group.attrs)
+    with h5py.File(path, "r") as f:
+        return f["logits"][:], f["labels"][:], {k: v for k, v in f.attrs.items()}
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_killed_cache_resumes_to_the_same_store_bit_for_bit(setup, fmt, tmp_path):
+    root, params = setup
+    params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
+                                                       "cache.chunk_samples": 64, "cache.batch_size": 32,
+                                                       "cache.format": fmt})
+    reference = tmp_path / f"reference.{fmt}"
+    cache(params, root, reference)
+    store = tmp_path / f"resumed.{fmt}"
+    total = 1077 * 2
+    for kill_at in (total // 5, total // 2):  # killed twice, at different points
+        cache(params, root, store, kill_at=kill_at)
+        assert not store.exists() and store.with_name(store.name + ".partial").exists()
+    out = cache(params, root, store)
+    assert not store.with_name(store.name + ".partial").exists()
+    views_computed = max(int(n) for n in re.findall(r"(\d+)/(\d+)", out)[-1])
+    assert views_computed < total  # finished chunks were not computed again
+    (a, a_labels, a_attrs), (b, b_labels, b_attrs) = contents(reference, fmt), contents(store, fmt)
+    assert np.array_equal(a.view(np.uint16), b.view(np.uint16))  # bit for bit
+    assert np.array_equal(a_labels, b_labels)
+    assert {k: str(v) for k, v in a_attrs.items()} == {k: str(v) for k, v in b_attrs.items()}
+
+
+def test_resuming_with_other_params_is_refused(setup, tmp_path):
+    root, params = setup
+    store = tmp_path / "s.zarr"
+    cache(params, root, store, kill_at=400)
+    other = write_params(tmp_path / "other.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
+                                                     "cache.chunk_samples": 64, "cache.batch_size": 32,
+                                                     "cache.seed": 3})
+    result = subprocess.run([*KD, "cache", "--params", str(other), "--teacher", str(root / "teacher.pt"),
+                             "--out", str(store)], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "made with other parameters" in result.stderr and "seed: 0 vs 3" in result.stderr, result.stderr
