@@ -158,8 +158,18 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
 ]
 
 
+class _Invalid:
+    """Stands for a value that failed its type check, so later rules skip it (already reported)."""
+
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+INVALID = _Invalid()
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Parse and validate the params file; raise ParamsError naming the file, each bad key and the fix."""
+    """Parse and validate the params file; raise one ParamsError naming the file and every bad key with its fix."""
     from pipeline.models import arch_error
     from pipeline.replay import build_augment
 
@@ -170,28 +180,30 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    params = _build(Params, raw, str(path), "")
-    problems = []
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    if params is INVALID:
+        raise ParamsError(f"{path}: {problems[0]}")
     for key, ok, expected in _RULES:
-        value = params
-        for part in key.split("."):
-            value = getattr(value, part)
-        if not ok(value):
+        value = _get(params, key)
+        if value is not INVALID and not ok(value):
             problems.append(f"{key} is {value!r}; expected {expected}")
-    for section, epochs in (("teacher", params.teacher.epochs), ("distill", params.distill.epochs)):
-        opt = getattr(params, section).optimizer
+    for section in ("teacher", "distill"):
+        opt, epochs = _get(params, f"{section}.optimizer"), _get(params, f"{section}.epochs")
+        if INVALID in (opt, epochs) or INVALID in (opt.lr_factors, opt.lr_milestones, opt.schedule):
+            continue
         if len(opt.lr_factors) != len(opt.lr_milestones):
             problems.append(f"{section}.optimizer.lr_factors needs one factor per entry of "
                             f"{section}.optimizer.lr_milestones ({len(opt.lr_milestones)})")
         if opt.schedule == "step" and any(m >= epochs for m in opt.lr_milestones):
             problems.append(f"{section}.optimizer.lr_milestones {opt.lr_milestones} must be < {section}.epochs "
                             f"({epochs}); a milestone at or past the last epoch has no effect")
-    for key, arch, options in (("teacher.arch", params.teacher.arch, params.teacher.arch_options),
-                               ("distill.student", params.distill.student, params.distill.student_options)):
-        error = arch_error(arch, options)
+    for key, options_key in (("teacher.arch", "teacher.arch_options"), ("distill.student", "distill.student_options")):
+        arch, options = _get(params, key), _get(params, options_key)
+        error = None if INVALID in (arch, options) else arch_error(arch, options)
         if error:
             problems.append(f"{key}: {error}")
-    for i, step in enumerate(params.augment):
+    for i, step in enumerate(params.augment if params.augment is not INVALID else []):
         if len(step) != 1 or not isinstance(next(iter(step.values())) or {}, dict):
             problems.append(f"augment[{i}] is {step!r}; expected one "
                             "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
@@ -207,29 +219,49 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
-def _build(cls: type, raw: Any, path: str, prefix: str) -> Any:
-    """Build dataclass `cls` from `raw`, checking keys and types; `prefix` is the dotted key so far."""
+def _get(params, key: str):
+    """The value at dotted `key`, or INVALID when it or a section above it failed its type check."""
+    value = params
+    for part in key.split("."):
+        if value is INVALID:
+            return INVALID
+        value = getattr(value, part)
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, checking keys and types; every problem is appended to `problems`
+    (a bad field becomes INVALID). `prefix` is the dotted key so far."""
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: {where} must be a mapping of keys to values, got {raw!r}")
+        problems.append(f"{where} must be a mapping of keys to values, got {raw!r}")
+        return INVALID
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ParamsError(f"{path}: unknown key '{prefix}{key}'{hint}")
+            problems.append(f"unknown key '{prefix}{key}'{hint}")
     values = {}
     for name in fields:
         if name not in raw:
-            raise ParamsError(f"{path}: missing key '{prefix}{name}'; add it (see the project's params.yaml)")
-        values[name] = _check(hints[name], raw[name], path, prefix + name)
+            problems.append(f"missing key '{prefix}{name}'; add it (see the project's params.yaml)")
+            values[name] = INVALID
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw[name], prefix + name + ".", problems)
+        else:
+            try:
+                values[name] = _check(hints[name], raw[name], prefix + name)
+            except ParamsError as e:
+                problems.append(str(e))
+                values[name] = INVALID
     return cls(**values)
 
 
-def _check(hint: Any, value: Any, path: str, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, key + ".")
+def _check(hint: Any, value: Any, key: str) -> Any:
+    """`value` checked against type `hint` (int, float, str, bool, dict, list[X], Optional/Union); raises
+    ParamsError naming `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union:  # Optional[X], or a choice of types
         if value is None and type(None) in args:
@@ -237,14 +269,14 @@ def _check(hint: Any, value: Any, path: str, key: str) -> Any:
         options = [a for a in args if a is not type(None)]
         for option in options[:-1]:
             try:
-                return _check(option, value, path, key)
+                return _check(option, value, key)
             except ParamsError:
                 pass
-        return _check(options[-1], value, path, key)
+        return _check(options[-1], value, key)
     if origin is list:
         if not isinstance(value, list):
-            raise ParamsError(f"{path}: {key} is {value!r}; expected a list")
-        return [_check(args[0], v, path, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise ParamsError(f"{key} is {value!r}; expected a list")
+        return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and not isinstance(value, bool):
         if isinstance(value, int):
             return float(value)
@@ -254,5 +286,5 @@ def _check(hint: Any, value: Any, path: str, key: str) -> Any:
             except ValueError:
                 pass
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise ParamsError(f"{path}: {key} is {value!r}; expected {hint.__name__}")
+        raise ParamsError(f"{key} is {value!r}; expected {hint.__name__}")
     return value

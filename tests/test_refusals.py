@@ -1,0 +1,145 @@
+"""Nothing silently wrong: each input that once trained on garbage or died in a traceback now stops the stage
+with exit status 1 and one message naming the file, key or value (the README's list of refusals)."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from pipeline.models import build_model, save_checkpoint
+from stages.cli import kd
+from conftest import write_params
+
+
+def invoke(*args):
+    return CliRunner().invoke(kd, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A teacher and one complete store of each format, made by the stages."""
+    root = tmp_path_factory.mktemp("made")
+    params = {}
+    for fmt in ("zarr", "hdf5"):
+        params[fmt] = write_params(root / f"{fmt}.yaml", **{"cache.format": fmt})
+    assert invoke("teacher", "--params", params["zarr"], "--out", root / "teacher.pt").exit_code == 0
+    for fmt in ("zarr", "hdf5"):
+        result = invoke("cache", "--params", params[fmt], "--teacher", root / "teacher.pt", "--out", root / f"s.{fmt}")
+        assert result.exit_code == 0, result.output
+    return root, params
+
+
+@pytest.fixture
+def copy(made, tmp_path):
+    """A fresh copy of a made store: `copy(fmt)` -> (store path, params path, teacher path)."""
+    root, params = made
+
+    def _copy(fmt):
+        source, target = root / f"s.{fmt}", tmp_path / f"s.{fmt}"
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        return target, params[fmt], root / "teacher.pt"
+
+    return _copy
+
+
+def distill(store, params, teacher, *extra):
+    return invoke("distill", "--params", params, "--teacher", teacher, "--cache", store, "--out",
+                  store.parent / "student.pt", *extra)
+
+
+def refused(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    return True
+
+
+def test_a_deleted_chunk_is_refused(copy):
+    store, params, teacher = copy("zarr")
+    (store / "logits/c/2/0/0").unlink()
+    assert refused(distill(store, params, teacher), "are not finite", "chunk is missing")
+    assert not (store.parent / "student.pt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_nan_in_the_store_is_refused(copy, fmt):
+    store, params, teacher = copy(fmt)
+    if fmt == "zarr":
+        zarr.open_group(str(store), mode="r+")["logits"][7, 1, 3] = np.nan
+    else:
+        with h5py.File(store, "a") as f:
+            f["logits"][7, 1, 3] = np.nan
+    assert refused(distill(store, params, teacher), "logits of sample 7 are not finite")
+
+
+def test_a_truncated_zarr_chunk_is_refused(copy):
+    store, params, teacher = copy("zarr")
+    chunk = store / "logits/c/1/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    assert refused(distill(store, params, teacher), "corrupt or truncated")
+
+
+def test_a_truncated_hdf5_file_is_refused(copy):
+    store, params, teacher = copy("hdf5")
+    store.write_bytes(store.read_bytes()[: store.stat().st_size // 3])
+    assert refused(distill(store, params, teacher), "s.hdf5")
+
+
+def test_a_teacher_with_nan_weights_writes_no_store(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    model = build_model("tiny_cnn", 1, 10)
+    with torch.no_grad():
+        model.head.bias[3] = float("nan")
+    save_checkpoint(model, "tiny_cnn", 1, 10, tmp_path / "nan.pt")
+    result = invoke("cache", "--params", params, "--teacher", tmp_path / "nan.pt", "--out", tmp_path / "s.zarr")
+    assert refused(result, "sample 0, view 0 are not finite", "NaN weights")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_logits_beyond_float16_are_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    model = build_model("tiny_cnn", 1, 10)
+    with torch.no_grad():
+        model.head.bias[0] = 1e5
+    save_checkpoint(model, "tiny_cnn", 1, 10, tmp_path / "big.pt")
+    result = invoke("cache", "--params", params, "--teacher", tmp_path / "big.pt", "--out", tmp_path / "s.zarr")
+    assert refused(result, "exceeds float16's range", "cache.dtype: float32")
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"augment": [{"RandomAffine": {"degrees": 30}}]}, "augment: store"),
+    ({"cache.num_views": 4}, "num_views: store 2, this run 4"),
+    ({"cache.seed": 9}, "seed: store 0, this run 9"),
+    ({"data.normalize": {"mean": [0.5], "std": [0.5]}}, "mean: store [0.0], this run [0.5]"),
+])
+def test_params_that_differ_from_the_store_are_refused_naming_the_field(copy, tmp_path, override, field):
+    store, _, teacher = copy("zarr")
+    params = write_params(tmp_path / "other.yaml", **override)
+    assert refused(distill(store, params, teacher), "does not belong to this run", field)
+
+
+def test_an_infinite_kd_weight_is_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml", **{"distill.kd_weight": float("inf")})
+    assert refused(invoke("distill", "--params", params), "distill.kd_weight is inf")
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "device is 'tpu'"), ("gpu", "device is 'gpu'")])
+def test_an_unknown_device_is_refused_before_any_work(tmp_path, device, message):
+    params = write_params(tmp_path / "params.yaml", device=device)
+    assert refused(invoke("teacher", "--params", params), message, "expected auto, cpu, cuda")
+
+
+def test_normalize_with_zero_std_is_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml", **{"data.normalize": {"mean": [0.5], "std": [0.0]}})
+    assert refused(invoke("teacher", "--params", params), "data.normalize")
+
+
+def test_an_output_under_a_folder_that_cannot_be_made_is_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    (tmp_path / "a_file").write_text("not a folder")
+    assert refused(invoke("teacher", "--params", params, "--out", tmp_path / "a_file/teacher.pt"), "a_file")
