@@ -16,6 +16,7 @@ import time
 import click
 import torch
 
+from pipeline import KDError
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
@@ -54,8 +55,14 @@ def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epo
         accs, test_accs, started = [], [], time.time()
         for seed in seeds:
             student = build_model(student_name, c, data.num_classes, cfg.student_options, size, seed=seed)
-            distill(student, data.train, data.val, store_targets(store), transform, eval_transform, meta.seed,
-                    meta.num_views, run, kd_weight=lam, seed=seed, device=cpu, num_workers=p.num_workers)
+            try:
+                distill(student, data.train, data.val, store_targets(store), transform, eval_transform, meta.seed,
+                        meta.num_views, run, kd_weight=lam, seed=seed, device=cpu, num_workers=p.num_workers)
+            except KDError as e:  # diverged: scored as chance would be misleading; record it as such
+                print(f"T={T} lambda={lam} seed={seed}: {e}", file=sys.stderr)
+                accs.append(float("nan"))
+                test_accs.append(float("nan"))
+                continue
             accs.append(accuracy(student, data.val, eval_transform, cpu))
             if report_test:
                 test_accs.append(accuracy(student, data.test, eval_transform, cpu))

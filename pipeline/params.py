@@ -55,6 +55,7 @@ class TeacherParams:
     checkpoint: Optional[str]
     arch: str
     arch_options: dict
+    augment: Optional[list[dict]]
     epochs: int
     batch_size: int
     optimizer: OptimParams
@@ -203,15 +204,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         error = None if INVALID in (arch, options) else arch_error(arch, options)
         if error:
             problems.append(f"{key}: {error}")
-    for i, step in enumerate(params.augment if params.augment is not INVALID else []):
-        if len(step) != 1 or not isinstance(next(iter(step.values())) or {}, dict):
-            problems.append(f"augment[{i}] is {step!r}; expected one "
-                            "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
-            continue
-        try:  # names and arguments are checked before any work starts
-            build_augment([step])
-        except KDError as e:
-            problems.append(str(e).replace("augment[0]", f"augment[{i}]", 1))
+    for key in ("augment", "teacher.augment"):
+        spec = _get(params, key)
+        for i, step in enumerate(spec if isinstance(spec, list) else []):
+            if len(step) != 1 or not isinstance(next(iter(step.values())) or {}, dict):
+                problems.append(f"{key}[{i}] is {step!r}; expected one "
+                                "{ClassName: {keyword: value}}, e.g. {RandomAffine: {degrees: 10}}")
+                continue
+            try:  # names and arguments are checked before any work starts
+                build_augment([step])
+            except KDError as e:
+                problems.append(str(e).replace("augment[0]", f"{key}[{i}]", 1))
     if problems:
         if len(problems) == 1:
             raise ParamsError(f"{path}: {problems[0]}")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline import KDError
 from pipeline.data import Split, ViewDataset, fingerprint, input_transform
 from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
@@ -172,13 +173,21 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item() * len(y)
+            loss_sum += _finite_loss(loss.item(), epoch, "teacher training", optim.lr) * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         schedule.step()
         log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
                     "val_acc": accuracy(model, val, eval_transform, device, num_workers)})
     return model.eval()
+
+
+def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
+    """`loss`, or a KDError if training diverged (a NaN/inf loss would otherwise train a model of chance accuracy)."""
+    if not math.isfinite(loss):
+        raise KDError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
+                      f"(now {lr:g}) or, when distilling, kd_weight or temperature")
+    return loss
 
 
 def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tensor, y: torch.Tensor,
@@ -218,7 +227,8 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             loss, logits = distill_step(student, optimizer, targets, x, y, samples, views, cfg.temperature,
                                         kd_weight, device, cfg.ce_weight)
             y = y.to(device)
-            loss_sum += loss.item() * len(y)
+            loss_sum += _finite_loss(loss.item(), epoch, "distillation" if kd_weight else "baseline training",
+                                     cfg.optimizer.lr) * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
         schedule.step()

@@ -47,7 +47,8 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
         else:
             arch, options = cfg.arch, cfg.arch_options
             model = build_model(arch, in_channels, data.num_classes, options, image_size, seed=params.seed)
-            transform = input_transform(build_augment(params.augment), data.mean, data.std)
+            augment = params.augment if cfg.augment is None else cfg.augment
+            transform = input_transform(build_augment(augment), data.mean, data.std)
             train_teacher(model, data.train, data.val, transform, eval_transform, cfg.epochs, cfg.batch_size,
                           cfg.optimizer, params.seed, device, params.num_workers, log)
     val_acc = accuracy(model, data.val, eval_transform, device, params.num_workers)

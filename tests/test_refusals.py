@@ -143,3 +143,12 @@ def test_an_output_under_a_folder_that_cannot_be_made_is_refused(tmp_path):
     params = write_params(tmp_path / "params.yaml")
     (tmp_path / "a_file").write_text("not a folder")
     assert refused(invoke("teacher", "--params", params, "--out", tmp_path / "a_file/teacher.pt"), "a_file")
+
+
+def test_a_diverging_student_stops_with_a_clear_error_not_a_chance_level_model(made, tmp_path):
+    root, params = made
+    params = write_params(tmp_path / "p.yaml", **{"distill.optimizer.name": "sgd", "distill.optimizer.lr": 1e6})
+    result = invoke("distill", "--params", params, "--teacher", root / "teacher.pt", "--cache", root / "s.zarr",
+                    "--out", tmp_path / "student.pt")
+    assert refused(result, "distillation diverged: the loss became", "lower the learning rate (now 1e+06)")
+    assert not (tmp_path / "student.pt").exists()
