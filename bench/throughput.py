@@ -149,7 +149,7 @@ def make_stores(pair: Pair, root: Path) -> dict[str, Path]:
     """Write a zarr and an HDF5 store (float16, random logits) of the pair's shape; return their paths."""
     meta = StoreMeta(num_samples=pair.num_samples, num_views=pair.num_views, num_classes=pair.num_classes,
                      augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", chunk_samples=CHUNK_SAMPLES,
-                     teacher_arch=pair.teacher,
+                     amp="off", teacher_arch=pair.teacher,
                      teacher_fingerprint="bench", dataset_fingerprint="bench")
     rng = np.random.default_rng(0)
     labels = rng.integers(pair.num_classes, size=pair.num_samples)

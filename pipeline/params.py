@@ -69,6 +69,7 @@ class CacheParams:
     dtype: str
     chunk_samples: int
     batch_size: int
+    amp: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("cache.dtype", lambda v: v in ("float16", "float32"), "float16 or float32"),
     ("cache.chunk_samples", lambda v: v >= 1, "an integer >= 1"),
     ("cache.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("cache.amp", lambda v: v in ("auto", "off", "float16", "bfloat16"), "auto, off, float16 or bfloat16"),
     ("distill.teacher_source", lambda v: v in ("cache", "online"), "cache or online"),
     ("distill.temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("distill.kd_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),

@@ -6,7 +6,7 @@ Layout (the same names in both formats):
   labels       (num_samples,)                          int64
   chunks_done  (num_chunks,)                           bool: chunk k's logits are written and durable
   attributes: format_version, num_samples, num_views, num_classes, augment (JSON text),
-              mean, std (input normalization), seed, dtype, chunk_samples, teacher_arch,
+              mean, std (input normalization), seed, dtype, chunk_samples, amp, teacher_arch,
               teacher_fingerprint, dataset_fingerprint, and `complete: true`, written last.
 
 Row i, view v holds the teacher's logits (before temperature) for `replay_view(train image i, ...,
@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline import KDError
 
-FORMAT_VERSION = 3  # 2: adds mean and std; 3: chunk checksums, NaN fill, chunks_done, chunk_samples
+FORMAT_VERSION = 4  # 2: mean and std; 3: chunk checksums, NaN fill, chunks_done, chunk_samples; 4: amp
 FLOAT16_MAX = 65504.0
 
 
@@ -49,6 +49,7 @@ class StoreMeta:
     seed: int
     dtype: str
     chunk_samples: int
+    amp: str  # the teacher's autocast precision: off | float16 | bfloat16
     teacher_arch: str
     teacher_fingerprint: str
     dataset_fingerprint: str
@@ -71,7 +72,7 @@ class StoreMeta:
         values["std"] = [float(m) for m in values["std"]]
         for n in ("num_samples", "num_views", "num_classes", "seed", "chunk_samples", "format_version"):
             values[n] = int(values[n])
-        for n in ("dtype", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
+        for n in ("dtype", "amp", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
             values[n] = str(values[n])
         return cls(**values)
 

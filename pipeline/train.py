@@ -7,6 +7,7 @@ same loop runs from the store (`store_targets`) or with the teacher live (`onlin
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline import KDError
+from pipeline import KDError, distributed
 from pipeline.data import Split, ViewDataset, fingerprint, input_transform
 from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
@@ -28,11 +29,32 @@ EpochLog = Callable[[int, dict], None]
 
 
 @torch.no_grad()
-def teacher_forward(teacher: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Raw teacher logits (B, C) float32 on CPU; eval mode, no gradients, float16 autocast on CUDA."""
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, device: torch.device, amp: str = "auto") -> torch.Tensor:
+    """Raw teacher logits (B, C) float32 on CPU; eval mode, no gradients, autocast per `resolve_amp(amp, device)`.
+
+    The one forward of the cache stage and of the online teacher, so the two agree under every setting. On CUDA
+    the input goes channels-last (pair it with `prepare_teacher`).
+    """
     teacher.eval()
-    with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-        return teacher(x.to(device, non_blocking=True)).float().cpu()
+    precision = resolve_amp(amp, device)
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=getattr(torch, precision, None), enabled=precision != "off"):
+        return teacher(x).float().cpu()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`cache.amp`: auto -> float16 on CUDA, off elsewhere; off | float16 | bfloat16 as given."""
+    if amp == "auto":
+        return "float16" if device.type == "cuda" else "off"
+    return amp
+
+
+def prepare_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher on `device` in eval mode (channels-last on CUDA, where convolutions run faster so)."""
+    teacher = teacher.to(device).eval()
+    return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
 
 
 def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -57,24 +79,24 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
     sampler = EpochSampler(lambda n: pairs(chunks[n]), len(images))
     loader = make_loader(dataset, sampler, batch_size, num_workers, device)
     total = sum(len(pairs(k)) for k in chunks)
-    with tqdm(total=total, desc="cache", unit="view") as bar:
+    with tqdm(total=total, desc="cache", unit="view", disable=distributed.rank() != 0) as bar:
         for n, k in enumerate(chunks):
             sampler.epoch = n
             first, stop = meta.chunk_rows(k)
             block = np.empty((stop - first, meta.num_views, meta.num_classes), dtype=np.float32)
             for x, _, i, v in loader:
-                block[i.numpy() - first, v.numpy()] = teacher_forward(teacher, x, device).numpy()
+                block[i.numpy() - first, v.numpy()] = teacher_forward(teacher, x, device, meta.amp).numpy()
                 bar.update(len(x))
             yield k, block
 
 
 def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,
-                   augment: list, mean, std) -> StoreMeta:
-    """The metadata of the store this teacher, data and `cache` params make (and that a run must find)."""
+                   augment: list, mean, std, device: torch.device) -> StoreMeta:
+    """The metadata of the store this teacher, data and `cache` params make on `device`."""
     return StoreMeta(num_samples=len(train), num_views=cfg.num_views, num_classes=num_classes, augment=augment,
                      mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, chunk_samples=cfg.chunk_samples,
-                     teacher_arch=teacher_arch, teacher_fingerprint=weights_fingerprint(teacher),
-                     dataset_fingerprint=fingerprint(train))
+                     amp=resolve_amp(cfg.amp, device), teacher_arch=teacher_arch,
+                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
 
 
 def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split,
@@ -83,21 +105,56 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
     """Run `teacher` over `cfg.num_views` replayed views of every sample of `train`; write the store at `path`.
 
     The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v).
-    An interrupted run left `<path>.partial`: only its unfinished chunks are computed. Returns (meta, number
-    of chunks that were already done).
+    An interrupted run left `<path>.partial`: only its unfinished chunks are computed. Replay (in `num_workers`
+    DataLoader workers), the teacher's forward and the store writes (in a background thread) overlap.
+    Under torchrun, rank r computes every world-size-th unfinished chunk: zarr ranks write their own chunks
+    into the one store; for HDF5 (one writer per file) rank 0 writes the chunks every rank sends it.
+    Returns (meta, number of chunks that were already done).
     """
-    meta = expected_store(cfg, teacher, teacher_arch, train, num_classes, augment, mean, std)
-    writer = StoreWriter(path, cfg.format, meta, train.labels.numpy())
+    meta = expected_store(cfg, teacher, teacher_arch, train, num_classes, augment, mean, std, device)
+    labels, me, world = train.labels.numpy(), distributed.rank(), distributed.world_size()
+    writer, error = None, None
+    if me == 0:  # rank 0 creates the partial store, or opens an interrupted one (refusing other parameters)
+        try:
+            writer = StoreWriter(path, cfg.format, meta, labels)
+        except KDError as e:
+            error = e
+    message = distributed.broadcast(str(error) if error else None)
+    if error:
+        raise error
+    if message:
+        raise KDError(message)
     try:
-        resumed = meta.num_chunks - len(writer.pending)
+        if me != 0 and cfg.format == "zarr":
+            writer = StoreWriter(path, cfg.format, meta, labels)  # the partial rank 0 made
+        pending = distributed.broadcast(writer.pending if me == 0 else None)
+        mine = pending[me::world]
         transform = input_transform(build_augment(augment), mean, std)
-        for k, block in teacher_logit_chunks(teacher.to(device), train.images, transform, meta, writer.pending,
-                                             cfg.batch_size, device, num_workers):
-            writer.write(k, block)
-        writer.finish()
+        chunks = teacher_logit_chunks(prepare_teacher(teacher, device), train.images, transform, meta, mine,
+                                      cfg.batch_size, device, num_workers)
+        if cfg.format == "hdf5" and world > 1:  # every rank sends its chunk to rank 0, one round at a time
+            for _ in range(-(-len(pending) // world)):
+                gathered = distributed.gather(next(chunks, None))
+                for item in gathered or []:
+                    if item is not None:
+                        writer.write(*item)
+        else:  # this rank writes what it computes, in a background thread
+            with ThreadPoolExecutor(max_workers=1) as background:
+                written = None  # at most one chunk being written while the next is computed
+                for k, block in chunks:
+                    if written is not None:
+                        written.result()
+                    written = background.submit(writer.write, k, block)
+                if written is not None:
+                    written.result()
+        distributed.barrier()
+        if me == 0:
+            writer.finish()
     finally:
-        writer.close()
-    return meta, resumed
+        if writer is not None:
+            writer.close()
+    distributed.barrier()
+    return meta, meta.num_chunks - len(pending)
 
 
 def store_targets(store: LogitStore) -> Targets:
@@ -105,9 +162,10 @@ def store_targets(store: LogitStore) -> Targets:
     return lambda x, samples, views: torch.from_numpy(store.read(samples.numpy(), views.numpy()))
 
 
-def online_targets(teacher: nn.Module, device: torch.device) -> Targets:
+def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") -> Targets:
     """Teacher logits computed live on the batch's replayed views (the reference the cache must match)."""
-    return lambda x, samples, views: teacher_forward(teacher, x, device)
+    teacher = prepare_teacher(teacher, device)
+    return lambda x, samples, views: teacher_forward(teacher, x, device, amp)
 
 
 @torch.no_grad()

@@ -25,16 +25,23 @@ def cache(ctx, params_path, device, teacher_path, out):
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the store to write)")
+    from pipeline import distributed
     from pipeline.data import load_dataset
     from pipeline.models import load_checkpoint
     from pipeline.train import cache_teacher_logits
 
     params, device = setup(params_path, device)
+    device = distributed.init(device)  # under torchrun: one rank per process, each on its own GPU
     data = load_dataset(params.data)
     teacher, ckpt = load_checkpoint(teacher_path)
     cfg = params.cache
-    meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
-                                         params.augment, data.mean, data.std, device, params.num_workers)
+    try:
+        meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
+                                             params.augment, data.mean, data.std, device, params.num_workers)
+    finally:
+        distributed.close()
+    if distributed.rank() != 0:
+        return
     if resumed:
         click.echo(f"Resumed an interrupted run: {resumed} of {meta.num_chunks} chunks were already done")
     click.echo(f"Wrote {out} ({cfg.format}): {meta.num_samples} samples x {meta.num_views} views x "
@@ -59,7 +66,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
     from pipeline.models import load_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment, replay_view
     from pipeline.store import LogitStore
-    from pipeline.train import teacher_forward
+    from pipeline.train import prepare_teacher, teacher_forward
 
     params, device = setup(params_path, device)
     store = LogitStore(store_path, max_memory_bytes=0)
@@ -77,7 +84,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
     transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
     x = torch.stack([replay_view(data.train.images[int(i)], transform, meta.seed, int(i), int(v))
                      for i, v in zip(rows, views)])
-    fresh = teacher_forward(teacher.to(device), x, device).numpy()
+    fresh = teacher_forward(prepare_teacher(teacher, device), x, device, meta.amp).numpy()
     stored = store.read(rows, views).astype(np.float32)
     # float16 storage rounds to 11 significant bits; float32 only differs by the teacher's batch arithmetic
     tolerance = 2e-3 if meta.dtype == "float16" else 1e-4

@@ -41,7 +41,7 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
                         num_samples=len(data.train), num_classes=data.num_classes)
         targets = store_targets(store)
     else:
-        targets = online_targets(teacher.to(device), device)
+        targets = online_targets(teacher, device, params.cache.amp)
     in_channels, image_size = data.image_shape[0], data.image_shape[-1]
     student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
                           seed=params.seed)

@@ -80,6 +80,6 @@ def make_store(path: Path, fmt: str, dtype: str, teacher, split: Split, num_view
                augment=AUGMENT, chunk_samples: int = 32) -> Path:
     """Write a real store of `fmt` by running `teacher` over `split`, with the function `kd cache` calls."""
     cfg = CacheParams(num_views=num_views, seed=seed, format=fmt, dtype=dtype, chunk_samples=chunk_samples,
-                      batch_size=40)
+                      batch_size=40, amp="auto")
     cache_teacher_logits(path, cfg, teacher, "cnn", split, 10, augment, MEAN, STD, device=torch.device("cpu"))
     return path

@@ -89,3 +89,24 @@ def test_worker_processes_never_change_the_student(teacher, train_subset, datase
                 seed=0, device=CPU, num_workers=workers)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_cache_and_online_teacher_share_one_forward_under_autocast(teacher, train_subset, tmp_path):
+    """cache.amp: the store and the online teacher run the same `teacher_forward`, so under bfloat16 autocast
+    (runnable on CPU) they still agree, and the precision is recorded in the store."""
+    from pipeline.params import CacheParams
+    from pipeline.train import cache_teacher_logits, resolve_amp
+
+    cfg = CacheParams(num_views=2, seed=7, format="zarr", dtype="float32", chunk_samples=32, batch_size=40,
+                      amp="bfloat16")
+    cache_teacher_logits(tmp_path / "s.zarr", cfg, teacher, "cnn", train_subset, 10, [], (0.0,), (1.0,), CPU)
+    store = LogitStore(tmp_path / "s.zarr")
+    assert store.meta.amp == "bfloat16"
+    dataset = ReplayDataset(train_subset.images, train_subset.labels, EVAL, seed=7)
+    x, _, samples, views = torch.utils.data.default_collate([dataset[(i, i % 2)] for i in range(40)])
+    online = online_targets(teacher, CPU, "bfloat16")(x, samples, views)
+    full = online_targets(teacher, CPU, "off")(x, samples, views)
+    cached = torch.from_numpy(store.read(samples.numpy(), views.numpy()))
+    assert torch.equal(cached, online)  # same batch composition as the cache's first chunk: same arithmetic
+    assert not torch.equal(online, full)  # bfloat16 really ran
+    assert resolve_amp("auto", torch.device("cuda")) == "float16" and resolve_amp("auto", CPU) == "off"

@@ -31,20 +31,24 @@ def setup(tmp_path_factory):
     return root, params
 
 
-def cache(params, root, out, kill_at=None):
-    """Run `kd cache`; with `kill_at` (views done), SIGKILL it once tqdm reports that many. Returns stderr."""
-    args = [*KD, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
-    proc = subprocess.Popen(args, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1)
+def cache(params, root, out, kill_at=None, ranks=1):
+    """Run `kd cache` (under torchrun with `ranks` > 1); with `kill_at` (views done), SIGKILL it and all its
+    processes once tqdm reports that many. Returns its output (stdout and stderr)."""
+    launcher = KD if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={ranks}", "-m", "stages.cli"]
+    args = [*launcher, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
     seen = ""
     while True:
-        char = proc.stderr.read(1)
+        char = proc.stdout.read(1)
         if not char:
             break
         seen += char
         if kill_at is not None and char == "[":  # tqdm: "cache:  40%|####  | 864/2154 [00:03<..."
             done = re.findall(r"(\d+)/\d+ \[$", seen)
             if done and int(done[-1]) >= kill_at:
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
                 break
     proc.wait()
     if kill_at is None:
@@ -97,3 +101,26 @@ def test_resuming_with_other_params_is_refused(setup, tmp_path):
                              "--out", str(store)], env=ENV, capture_output=True, text=True)
     assert result.returncode == 1
     assert "made with other parameters" in result.stderr and "seed: 0 vs 3" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_two_ranks_write_the_same_store_and_resume_with_any_number_of_ranks(setup, fmt, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same store bit for bit as one process; a killed 2-rank run
+    resumes with 1 rank, and a killed 1-rank run with 2 ranks."""
+    root, _ = setup
+    params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
+                                                       "cache.chunk_samples": 64, "cache.batch_size": 32,
+                                                       "cache.format": fmt})
+    reference, two = tmp_path / f"one.{fmt}", tmp_path / f"two.{fmt}"
+    cache(params, root, reference)
+    cache(params, root, two, ranks=2)
+    first, second = contents(reference, fmt), contents(two, fmt)
+    assert np.array_equal(first[0].view(np.uint16), second[0].view(np.uint16))
+    assert {k: str(v) for k, v in first[2].items()} == {k: str(v) for k, v in second[2].items()}
+    for kill_ranks, resume_ranks in ((2, 1), (1, 2)):
+        store = tmp_path / f"resumed-{kill_ranks}-{resume_ranks}.{fmt}"
+        cache(params, root, store, kill_at=600, ranks=kill_ranks)
+        assert store.with_name(store.name + ".partial").exists()
+        out = cache(params, root, store, ranks=resume_ranks)
+        assert "Resumed an interrupted run" in out, out
+        assert np.array_equal(contents(store, fmt)[0].view(np.uint16), first[0].view(np.uint16))

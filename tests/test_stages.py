@@ -112,7 +112,7 @@ def test_distill_refuses_missing_or_incomplete_store(workdir):
     assert result.exit_code == 1 and "nothing.zarr: logit store not found" in result.output
     from pipeline.store import StoreMeta, StoreWriter
 
-    meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", 4, "cnn", "t", "d")
+    meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", 4, "off", "cnn", "t", "d")
     writer = StoreWriter(workdir / "half.zarr", "zarr", meta, np.zeros(10, np.int64))
     writer.write(0, np.zeros((4, 2, 10), np.float32))  # then killed: never finished
     result = invoke("distill", "--params", params, "--cache", "half.zarr.partial")
