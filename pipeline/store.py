@@ -124,11 +124,17 @@ class StoreWriter:
     def __init__(self, path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray):
         if fmt not in ("zarr", "hdf5"):
             raise StoreError(f"unknown store format {fmt!r}; expected zarr or hdf5")
-        self.path, self.fmt, self.meta = Path(path), fmt, meta
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.fmt, self.meta, self.url = fmt, meta, is_url(path)
         self._file = None
-        if self.tmp.exists():
+        if self.url:  # object storage has no rename: written in place, the `complete` mark is the guard
+            if fmt != "zarr":
+                raise StoreError(f"{path}: only zarr stores can live at a URL; use cache.format: zarr or a local path")
+            self.path = self.tmp = str(path)
+        else:
+            self.path = Path(path)
+            self.tmp = self.path.with_name(self.path.name + ".partial")
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        if self._exists(self.tmp):
             self._resume()
         else:
             self._create(np.asarray(labels, dtype=np.int64))
@@ -142,7 +148,7 @@ class StoreWriter:
             import zarr
             from zarr.codecs import Crc32cCodec, ZstdCodec
 
-            group = zarr.open_group(str(self.tmp), mode="w")
+            group = open_zarr(self.tmp, mode="w")
             group.attrs.update({**meta.to_attrs(), "complete": False})
             self._logits = group.create_array("logits", shape=shape, chunks=chunks, dtype=meta.dtype,
                                               fill_value=np.nan, compressors=[ZstdCodec(level=1), Crc32cCodec()])
@@ -160,6 +166,15 @@ class StoreWriter:
             self._done = f.create_dataset("chunks_done", shape=(meta.num_chunks,), dtype=bool, fillvalue=False)
             f.flush()
 
+    def _exists(self, where) -> bool:
+        if not self.url:
+            return Path(where).exists()
+        try:
+            open_zarr(where, mode="r")
+            return True
+        except FileNotFoundError:
+            return False
+
     def _resume(self) -> None:
         try:
             attrs, self._logits, self._done = self._open_partial()
@@ -176,9 +191,7 @@ class StoreWriter:
 
     def _open_partial(self):
         if self.fmt == "zarr":
-            import zarr
-
-            group = zarr.open_group(str(self.tmp), mode="r+")
+            group = open_zarr(self.tmp, mode="r+")
             return dict(group.attrs), group["logits"], group["chunks_done"]
         import h5py
 
@@ -214,12 +227,12 @@ class StoreWriter:
             raise StoreError(f"{self.tmp}: {len(missing)} of {len(done)} chunks not written "
                              f"(first missing: chunk {missing[0]}); run `kd cache` again to finish it")
         if self.fmt == "zarr":
-            import zarr
-
-            zarr.open_group(str(self.tmp), mode="r+").attrs["complete"] = True
+            open_zarr(self.tmp, mode="r+").attrs["complete"] = True
         else:
             self._file.attrs["complete"] = True
         self.close()
+        if self.url:
+            return
         old = self.path.with_name(self.path.name + ".old")
         _remove(old)
         if self.path.exists():
@@ -264,6 +277,14 @@ class LogitStore:
     """
 
     def __init__(self, path: str | Path, max_memory_bytes: int = 4 << 30):
+        if is_url(path):
+            self.path = path
+            try:
+                group = open_zarr(path, mode="r")
+            except FileNotFoundError:
+                raise StoreError(f"{path}: logit store not found; run `kd cache --out {path}` first") from None
+            self._open(dict(group.attrs), "zarr", group.__getitem__, max_memory_bytes)
+            return
         self.path = path = Path(path)
         if not path.exists():
             hint = ""
@@ -290,6 +311,10 @@ class LogitStore:
             get = self._file.__getitem__
         else:
             raise StoreError(f"{path}: not a logit store (expected a zarr v3 group or an HDF5 file)")
+        self._open(attrs, self.format, get, max_memory_bytes)
+
+    def _open(self, attrs: dict, fmt: str, get, max_memory_bytes: int) -> None:
+        path, self.format = self.path, fmt
         version = int(attrs.get("format_version", -1))
         if version != FORMAT_VERSION:
             raise StoreError(f"{path}: store format_version is {version}, this code reads {FORMAT_VERSION}; "
@@ -365,6 +390,19 @@ class LogitStore:
             raise StoreError(f"{self.path}: the store does not belong to this run; differing fields:\n  " +
                              "\n  ".join(differences) + "\nRebuild it with `kd cache` (or `dvc repro cache`), or "
                              "run with the params, teacher and data that made it")
+
+
+def open_zarr(where, mode: str):
+    """zarr.open_group for a local path or a URL (fsspec's local file system is told to make its folders)."""
+    import zarr
+
+    options = {"storage_options": {"auto_mkdir": True}} if str(where).startswith("file://") else {}
+    return zarr.open_group(str(where), mode=mode, **options)
+
+
+def is_url(path) -> bool:
+    """A store location zarr opens through fsspec (s3://, gs://, memory://, file://, ...), not a local path."""
+    return "://" in str(path)
 
 
 def _is_hdf5(path: Path) -> bool:

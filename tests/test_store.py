@@ -224,3 +224,23 @@ def test_store_from_another_teacher_dataset_or_augmentation_is_refused_naming_ea
     for field in ("teacher_fingerprint", "dataset_fingerprint", "augment: store [", "seed: store 7, this run 8",
                   "num_views: store 3, this run 4"):
         assert field in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["memory://kd-test/s.zarr", "file://{tmp}/url/s.zarr"])
+def test_a_zarr_store_at_a_url_is_written_in_place_resumed_and_read(url, tmp_path):
+    """Object storage (s3://, gs://) has no rename: a store at a URL is written in place, the `complete` mark
+    last, and resumed from its chunks_done like a local one (fsspec's memory and file systems stand in here)."""
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(url, "zarr", meta(), np.zeros(96, np.int64), _then_interrupt([(0, logits(32))]))
+    with pytest.raises(StoreError, match="incomplete"):
+        LogitStore(url)
+    writer = StoreWriter(url, "zarr", meta(), np.zeros(96, np.int64))
+    assert writer.pending == [1, 2]
+    for k in writer.pending:
+        writer.write(k, logits(32, seed=k))
+    writer.finish()
+    store = LogitStore(url)
+    assert np.array_equal(store.read(np.arange(32, 64), np.ones(32, int)), logits(32, seed=1)[:, 1].astype(np.float16))
+    with pytest.raises(StoreError, match="only zarr stores can live at a URL"):
+        StoreWriter(url.replace("s.zarr", "s.h5"), "hdf5", meta(), np.zeros(96, np.int64))
