@@ -56,7 +56,7 @@ def main(params_path, cache_path, students, temperatures, kd_weights, seeds, epo
         for seed in seeds:
             student = build_model(student_name, c, data.num_classes, cfg.student_options, size, seed=seed)
             try:
-                distill(student, data.train, data.val, store_targets(store), transform, eval_transform, meta.seed,
+                distill(student, data.train, data.val, store_targets(store, T), transform, eval_transform, meta.seed,
                         meta.num_views, run, kd_weight=lam, seed=seed, device=cpu, num_workers=p.num_workers)
             except KDError as e:  # diverged: scored as chance would be misleading; record it as such
                 print(f"T={T} lambda={lam} seed={seed}: {e}", file=sys.stderr)

@@ -148,7 +148,8 @@ def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tu
 def make_stores(pair: Pair, root: Path) -> dict[str, Path]:
     """Write a zarr and an HDF5 store (float16, random logits) of the pair's shape; return their paths."""
     meta = StoreMeta(num_samples=pair.num_samples, num_views=pair.num_views, num_classes=pair.num_classes,
-                     augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", chunk_samples=CHUNK_SAMPLES,
+                     augment=[], mean=[0.0], std=[1.0], seed=0, dtype="float16", storage="full", top_k=0,
+                     chunk_samples=CHUNK_SAMPLES,
                      amp="off", teacher_arch=pair.teacher,
                      teacher_fingerprint="bench", dataset_fingerprint="bench")
     rng = np.random.default_rng(0)

@@ -67,6 +67,8 @@ class CacheParams:
     seed: int
     format: str
     dtype: str
+    storage: str
+    top_k: int
     chunk_samples: int
     batch_size: int
     amp: str
@@ -146,6 +148,8 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("cache.seed", lambda v: v >= 0, "an integer >= 0"),
     ("cache.format", lambda v: v in ("zarr", "hdf5"), "zarr or hdf5"),
     ("cache.dtype", lambda v: v in ("float16", "float32"), "float16 or float32"),
+    ("cache.storage", lambda v: v in ("full", "topk"), "full or topk"),
+    ("cache.top_k", lambda v: v >= 1, "an integer >= 1 (used when cache.storage is topk)"),
     ("cache.chunk_samples", lambda v: v >= 1, "an integer >= 1"),
     ("cache.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("cache.amp", lambda v: v in ("auto", "off", "float16", "bfloat16"), "auto, off, float16 or bfloat16"),

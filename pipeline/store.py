@@ -28,9 +28,9 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline import KDError
+from pipeline import KDError, topk
 
-FORMAT_VERSION = 4  # 2: mean and std; 3: chunk checksums, NaN fill, chunks_done, chunk_samples; 4: amp
+FORMAT_VERSION = 5  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k
 FLOAT16_MAX = 65504.0
 
 
@@ -48,6 +48,8 @@ class StoreMeta:
     std: list
     seed: int
     dtype: str
+    storage: str  # full | topk (pipeline.topk)
+    top_k: int  # logits kept per view when storage is topk (0 for full)
     chunk_samples: int
     amp: str  # the teacher's autocast precision: off | float16 | bfloat16
     teacher_arch: str
@@ -70,9 +72,9 @@ class StoreMeta:
         values["augment"] = json.loads(values["augment"])
         values["mean"] = [float(m) for m in values["mean"]]
         values["std"] = [float(m) for m in values["std"]]
-        for n in ("num_samples", "num_views", "num_classes", "seed", "chunk_samples", "format_version"):
+        for n in ("num_samples", "num_views", "num_classes", "seed", "top_k", "chunk_samples", "format_version"):
             values[n] = int(values[n])
-        for n in ("dtype", "amp", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
+        for n in ("dtype", "storage", "amp", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
             values[n] = str(values[n])
         return cls(**values)
 
@@ -80,6 +82,11 @@ class StoreMeta:
     @property
     def num_chunks(self) -> int:
         return -(-self.num_samples // self.chunk_samples)
+
+    def arrays(self) -> dict[str, tuple[int, str]]:
+        """The per-(sample, view) arrays of this store: name -> (width, dtype)."""
+        return {name: (width, dtype or self.dtype)
+                for name, (width, dtype) in topk.fields(self.storage, self.num_classes, self.top_k).items()}
 
     def chunk_rows(self, k: int) -> tuple[int, int]:
         """First row and one past the last row of chunk k."""
@@ -142,16 +149,18 @@ class StoreWriter:
 
     def _create(self, labels: np.ndarray) -> None:
         meta = self.meta
-        shape = (meta.num_samples, meta.num_views, meta.num_classes)
-        chunks = (max(1, min(meta.chunk_samples, meta.num_samples)), meta.num_views, meta.num_classes)
+        rows = max(1, min(meta.chunk_samples, meta.num_samples))
+        attrs = {**meta.to_attrs(), "complete": False}
         if self.fmt == "zarr":
-            import zarr
             from zarr.codecs import Crc32cCodec, ZstdCodec
 
             group = open_zarr(self.tmp, mode="w")
-            group.attrs.update({**meta.to_attrs(), "complete": False})
-            self._logits = group.create_array("logits", shape=shape, chunks=chunks, dtype=meta.dtype,
-                                              fill_value=np.nan, compressors=[ZstdCodec(level=1), Crc32cCodec()])
+            group.attrs.update(attrs)
+            self._arrays = {name: group.create_array(name, shape=(meta.num_samples, meta.num_views, width),
+                                                     chunks=(rows, meta.num_views, width), dtype=dtype,
+                                                     fill_value=_fill(dtype),
+                                                     compressors=[ZstdCodec(level=1), Crc32cCodec()])
+                            for name, (width, dtype) in meta.arrays().items()}
             group.create_array("labels", data=labels)
             self._done = group.create_array("chunks_done", shape=(meta.num_chunks,), chunks=(1,), dtype=bool,
                                             fill_value=False)
@@ -159,9 +168,11 @@ class StoreWriter:
             import h5py
 
             self._file = f = h5py.File(self.tmp, "w")
-            f.attrs.update({**meta.to_attrs(), "complete": False})
-            self._logits = f.create_dataset("logits", shape=shape, chunks=chunks, dtype=meta.dtype,
-                                            fillvalue=np.nan, fletcher32=True)
+            f.attrs.update(attrs)
+            self._arrays = {name: f.create_dataset(name, shape=(meta.num_samples, meta.num_views, width),
+                                                   chunks=(rows, meta.num_views, width), dtype=dtype,
+                                                   fillvalue=_fill(dtype), fletcher32=True)
+                            for name, (width, dtype) in meta.arrays().items()}
             f.create_dataset("labels", data=labels)
             self._done = f.create_dataset("chunks_done", shape=(meta.num_chunks,), dtype=bool, fillvalue=False)
             f.flush()
@@ -177,8 +188,10 @@ class StoreWriter:
 
     def _resume(self) -> None:
         try:
-            attrs, self._logits, self._done = self._open_partial()
+            attrs, get = self._open_partial()
             found = StoreMeta.from_attrs(attrs, self.tmp)
+            self._arrays = {name: get(name) for name in found.arrays()}
+            self._done = get("chunks_done")
         except (StoreError, KeyError, OSError, ValueError) as e:
             raise StoreError(f"{self.tmp}: an interrupted store that cannot be resumed ({e}); delete it to start "
                              "over") from None
@@ -192,11 +205,11 @@ class StoreWriter:
     def _open_partial(self):
         if self.fmt == "zarr":
             group = open_zarr(self.tmp, mode="r+")
-            return dict(group.attrs), group["logits"], group["chunks_done"]
+            return dict(group.attrs), group.__getitem__
         import h5py
 
         self._file = f = h5py.File(self.tmp, "r+")
-        return dict(f.attrs), f["logits"], f["chunks_done"]
+        return dict(f.attrs), f.__getitem__
 
     @property
     def chunks_done(self) -> int:
@@ -209,7 +222,9 @@ class StoreWriter:
         if logits.shape != expected:
             raise StoreError(f"chunk {k} has shape {logits.shape}; expected {expected}")
         check_logits(logits, first, self.meta.dtype, self.tmp)
-        self._logits[first:stop] = logits.astype(self.meta.dtype)
+        encoded = topk.encode(self.meta.storage, logits, self.meta.top_k)
+        for name, array in self._arrays.items():
+            array[first:stop] = encoded[name].astype(array.dtype)
         self._flush()
         self._done[k] = True
         self._flush()
@@ -329,20 +344,23 @@ class LogitStore:
                              "interrupted); run the `kd cache` command that made it again to finish it")
         self.meta = meta = StoreMeta.from_attrs(attrs, path)
         try:
-            logits, labels = get("logits"), get("labels")
+            arrays, labels = {name: get(name) for name in meta.arrays()}, get("labels")
         except KeyError as e:
             raise StoreError(f"{path}: store lacks array {e}; rebuild it with `kd cache`") from None
-        expected = (meta.num_samples, meta.num_views, meta.num_classes)
-        if tuple(logits.shape) != expected or tuple(labels.shape) != (meta.num_samples,):
-            raise StoreError(f"{path}: logits shape {tuple(logits.shape)} / labels shape {tuple(labels.shape)} "
-                             f"disagree with the metadata {expected}")
+        for name, array in arrays.items():
+            expected = (meta.num_samples, meta.num_views, meta.arrays()[name][0])
+            if tuple(array.shape) != expected or tuple(labels.shape) != (meta.num_samples,):
+                raise StoreError(f"{path}: {name} shape {tuple(array.shape)} / labels shape {tuple(labels.shape)} "
+                                 f"disagree with the metadata {expected}")
         self.labels = np.asarray(self._guarded(lambda: labels[:], "labels"))
-        nbytes = int(np.prod(expected)) * np.dtype(meta.dtype).itemsize
+        nbytes = sum(meta.num_samples * meta.num_views * width * np.dtype(dtype).itemsize
+                     for width, dtype in meta.arrays().values())
         self.in_memory = nbytes <= max_memory_bytes
-        self._logits = logits
+        self._arrays = arrays
         if self.in_memory:
-            self._logits = np.asarray(self._guarded(lambda: logits[:], "all rows"))
-            self._check_finite(self._logits, np.arange(meta.num_samples))
+            self._arrays = {name: np.asarray(self._guarded(lambda a=a: a[:], f"all rows of {name}"))
+                            for name, a in arrays.items()}
+            self._check_finite(self._arrays, np.arange(meta.num_samples))
 
     def _guarded(self, read, rows: str):
         """Run `read()`, turning a failed checksum, truncated chunk or I/O error into a StoreError."""
@@ -353,32 +371,39 @@ class LogitStore:
                              f"({type(e).__name__}: {str(e)[:200]}); rebuild the store with `kd cache` "
                              "(`kd cache verify` checks every chunk)") from None
 
-    def _check_finite(self, logits: np.ndarray, samples: np.ndarray) -> None:
-        bad = ~np.isfinite(logits)
-        if bad.any():
-            where = np.argwhere(bad)[0]
-            sample = int(samples[where[0]])
-            raise StoreError(f"{self.path}: logits of sample {sample} are not finite ({logits[tuple(where)]}): "
-                             "a chunk is missing (it reads as NaN) or the store holds NaN/inf; rebuild it with "
-                             "`kd cache`")
+    def _check_finite(self, arrays: dict[str, np.ndarray], samples: np.ndarray) -> None:
+        """Refuse NaN/inf (a missing float chunk reads as NaN) and negative class indices (a missing index chunk)."""
+        for name, values in arrays.items():
+            bad = ~np.isfinite(values) if values.dtype.kind == "f" else values < 0
+            if bad.any():
+                where = np.argwhere(bad)[0]
+                raise StoreError(f"{self.path}: logits of sample {int(samples[where[0]])} are not finite "
+                                 f"({name} holds {values[tuple(where)]}): a chunk is missing (it reads as a fill "
+                                 "value) or the store holds NaN/inf; rebuild it with `kd cache`")
 
-    def read(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
-        """Logits (B, C) in the store's dtype for pairs (samples[b], views[b]); one sorted read per batch."""
+    def read(self, samples: np.ndarray, views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """Teacher logits (B, C) for pairs (samples[b], views[b]), one sorted read per batch: the stored logits
+        (in the store's dtype), or for a top-K store the logits `pipeline.topk.decode` rebuilds for `temperature`."""
         samples, views = np.asarray(samples), np.asarray(views)
         if self.in_memory:
-            return self._logits[samples, views]
-        unique, inverse = np.unique(samples, return_inverse=True)  # sorted: one pass over the chunks
-        reader = (lambda: self._logits.oindex[unique]) if self.format == "zarr" else (lambda: self._logits[unique])
-        rows = self._guarded(reader, f"rows {unique[0]}..{unique[-1]}")[inverse, views]
-        self._check_finite(rows, samples)
-        return rows
+            stored = {name: a[samples, views] for name, a in self._arrays.items()}
+        else:
+            unique, inverse = np.unique(samples, return_inverse=True)  # sorted: one pass over the chunks
+            stored = {}
+            for name, a in self._arrays.items():
+                reader = (lambda a=a: a.oindex[unique]) if self.format == "zarr" else (lambda a=a: a[unique])
+                stored[name] = self._guarded(reader, f"rows {unique[0]}..{unique[-1]}")[inverse, views]
+            self._check_finite(stored, samples)
+        return topk.decode(self.meta.storage, stored, temperature, self.meta.num_classes)
 
     def verify_chunks(self) -> int:
-        """Read every chunk (checksums are verified on decode) and check it is finite; return the chunk count."""
+        """Read every chunk (checksums are verified on decode) and check its values; return the chunk count."""
         for k in range(self.meta.num_chunks):
             first, stop = self.meta.chunk_rows(k)
-            block = np.asarray(self._guarded(lambda: self._logits[first:stop], f"chunk {k} (rows {first}..{stop - 1})"))
-            self._check_finite(block.reshape(len(block), -1), np.arange(first, stop))
+            where = f"chunk {k} (rows {first}..{stop - 1})"
+            block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where))
+                     for name, a in self._arrays.items()}
+            self._check_finite(block, np.arange(first, stop))
         return self.meta.num_chunks
 
     def check_run(self, **expected) -> None:
@@ -390,6 +415,11 @@ class LogitStore:
             raise StoreError(f"{self.path}: the store does not belong to this run; differing fields:\n  " +
                              "\n  ".join(differences) + "\nRebuild it with `kd cache` (or `dvc repro cache`), or "
                              "run with the params, teacher and data that made it")
+
+
+def _fill(dtype: str):
+    """The fill value of never-written chunks: NaN for logits, -1 for class indices (both refused on read)."""
+    return np.nan if np.dtype(dtype).kind == "f" else -1
 
 
 def open_zarr(where, mode: str):

@@ -93,8 +93,12 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
 def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,
                    augment: list, mean, std, device: torch.device) -> StoreMeta:
     """The metadata of the store this teacher, data and `cache` params make on `device`."""
+    if cfg.storage == "topk" and cfg.top_k >= num_classes:
+        raise KDError(f"cache.top_k is {cfg.top_k} but the data has {num_classes} classes; top-K storage needs "
+                      f"top_k < {num_classes} (or cache.storage: full)")
     return StoreMeta(num_samples=len(train), num_views=cfg.num_views, num_classes=num_classes, augment=augment,
-                     mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, chunk_samples=cfg.chunk_samples,
+                     mean=list(mean), std=list(std), seed=cfg.seed, dtype=cfg.dtype, storage=cfg.storage,
+                     top_k=cfg.top_k if cfg.storage == "topk" else 0, chunk_samples=cfg.chunk_samples,
                      amp=resolve_amp(cfg.amp, device), teacher_arch=teacher_arch,
                      teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
 
@@ -157,9 +161,10 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
     return meta, meta.num_chunks - len(pending)
 
 
-def store_targets(store: LogitStore) -> Targets:
-    """Teacher logits read from the store for the batch's (sample, view) pairs."""
-    return lambda x, samples, views: torch.from_numpy(store.read(samples.numpy(), views.numpy()))
+def store_targets(store: LogitStore, temperature: float = 1.0) -> Targets:
+    """Teacher logits read from the store for the batch's (sample, view) pairs (a top-K store's rebuilt for
+    `temperature`, the run's T)."""
+    return lambda x, samples, views: torch.from_numpy(store.read(samples.numpy(), views.numpy(), temperature))
 
 
 def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") -> Targets:

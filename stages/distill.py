@@ -39,7 +39,7 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
         store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
                         augment=augment, mean=list(mean), std=list(std), seed=replay_seed, num_views=num_views,
                         num_samples=len(data.train), num_classes=data.num_classes)
-        targets = store_targets(store)
+        targets = store_targets(store, cfg.temperature)
     else:
         targets = online_targets(teacher, device, params.cache.amp)
     in_channels, image_size = data.image_shape[0], data.image_shape[-1]

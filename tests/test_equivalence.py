@@ -97,8 +97,8 @@ def test_cache_and_online_teacher_share_one_forward_under_autocast(teacher, trai
     from pipeline.params import CacheParams
     from pipeline.train import cache_teacher_logits, resolve_amp
 
-    cfg = CacheParams(num_views=2, seed=7, format="zarr", dtype="float32", chunk_samples=32, batch_size=40,
-                      amp="bfloat16")
+    cfg = CacheParams(num_views=2, seed=7, format="zarr", dtype="float32", storage="full", top_k=1, chunk_samples=32,
+                      batch_size=40, amp="bfloat16")
     cache_teacher_logits(tmp_path / "s.zarr", cfg, teacher, "cnn", train_subset, 10, [], (0.0,), (1.0,), CPU)
     store = LogitStore(tmp_path / "s.zarr")
     assert store.meta.amp == "bfloat16"

@@ -112,7 +112,7 @@ def test_distill_refuses_missing_or_incomplete_store(workdir):
     assert result.exit_code == 1 and "nothing.zarr: logit store not found" in result.output
     from pipeline.store import StoreMeta, StoreWriter
 
-    meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", 4, "off", "cnn", "t", "d")
+    meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", "full", 0, 4, "off", "cnn", "t", "d")
     writer = StoreWriter(workdir / "half.zarr", "zarr", meta, np.zeros(10, np.int64))
     writer.write(0, np.zeros((4, 2, 10), np.float32))  # then killed: never finished
     result = invoke("distill", "--params", params, "--cache", "half.zarr.partial")
@@ -138,11 +138,11 @@ def test_failed_cache_leaves_no_store(workdir, monkeypatch):
 
     teacher_forward, calls = pipeline.train.teacher_forward, []
 
-    def fails_on_the_second_chunk(teacher, x, device):  # one call per chunk: batch_size = chunk_samples x 2 views
+    def fails_on_the_second_chunk(teacher, x, device, amp):  # one call per chunk: batch = chunk_samples x 2 views
         calls.append(len(x))
         if len(calls) == 2:  # the first chunk has been written (to <out>.partial today): the write is under way
             raise RuntimeError("boom")
-        return teacher_forward(teacher, x, device)
+        return teacher_forward(teacher, x, device, amp)
 
     monkeypatch.setattr(pipeline.train, "teacher_forward", fails_on_the_second_chunk)
     reseeded = write_params(workdir / "reseeded.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200,
@@ -260,3 +260,16 @@ def test_cache_verify_finds_a_missing_chunk(workdir):
 def test_cache_without_out_is_a_usage_error(workdir):
     result = invoke("cache", "--params", write_params(workdir / "params.yaml"))
     assert result.exit_code == 2 and "Missing option '--out'" in result.output
+
+
+def test_top_k_store_through_the_stages(workdir):
+    params = write_params(workdir / "params.yaml", **{"cache.storage": "topk", "cache.top_k": 3})
+    assert invoke("teacher", "--params", params).exit_code == 0
+    assert invoke("cache", "--params", params, "--out", "s.zarr").exit_code == 0
+    result = invoke("cache", "verify", "s.zarr", "--params", params, "--samples", "16")
+    assert result.exit_code == 0 and "16 recomputed" in result.output, result.output
+    result = invoke("distill", "--params", params, "--cache", "s.zarr")
+    assert result.exit_code == 0, result.output
+    too_many = write_params(workdir / "k.yaml", **{"cache.storage": "topk", "cache.top_k": 10})
+    result = invoke("cache", "--params", too_many, "--out", "k.zarr")
+    assert result.exit_code == 1 and "cache.top_k is 10 but the data has 10 classes" in result.output

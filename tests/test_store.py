@@ -59,8 +59,8 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 def meta(num_samples=96, chunk_samples=32, dtype="float16", **changes) -> StoreMeta:
     fields = dict(num_samples=num_samples, num_views=2, num_classes=10, augment=[], mean=[0.0], std=[1.0], seed=0,
-                  dtype=dtype, chunk_samples=chunk_samples, amp="off", teacher_arch="cnn", teacher_fingerprint="t",
-                  dataset_fingerprint="d")
+                  dtype=dtype, storage="full", top_k=0, chunk_samples=chunk_samples, amp="off", teacher_arch="cnn",
+                  teacher_fingerprint="t", dataset_fingerprint="d")
     return StoreMeta(**{**fields, **changes})
 
 
