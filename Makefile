@@ -30,6 +30,7 @@ test: install
 bench: install
 	python bench/throughput.py --out BENCHMARKS.md
 	python bench/integrity.py --append BENCHMARKS.md
+	python bench/topk.py --append BENCHMARKS.md
 
 clean:
 	rm -rf models cache reports
