@@ -83,6 +83,7 @@ class DistillParams:
     kd_weight: float
     ce_weight: float
     view_schedule: str
+    shuffle_chunks: int
     epochs: int
     batch_size: int
     optimizer: OptimParams
@@ -98,6 +99,7 @@ class Params:
     seed: int
     device: str
     num_workers: int
+    memory_mb: int
     data: DataParams
     augment: list[dict]
     teacher: TeacherParams
@@ -130,6 +132,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("device", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v) is not None,
      "auto, cpu, cuda, cuda:N or mps"),
     ("num_workers", lambda v: v >= 0, "an integer >= 0"),
+    ("memory_mb", lambda v: v >= 0, "an integer >= 0 (MiB)"),
     ("data.name", lambda v: v in SOURCES, f"one of {', '.join(SOURCES)}"),
     ("data.image_size", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("data.normalize", lambda v: v in ("auto", "none") if isinstance(v, str) else
@@ -158,6 +161,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("distill.kd_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("distill.ce_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("distill.view_schedule", lambda v: v in ("cycle", "random"), "cycle or random"),
+    ("distill.shuffle_chunks", lambda v: v >= 0, "an integer >= 0 (0: full shuffle)"),
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("distill.batch_size", lambda v: v >= 1, "an integer >= 1"),
     *_optim_rules("distill.optimizer"),

@@ -120,8 +120,20 @@ def epoch_views(schedule: str, num_views: int, num_samples: int, epoch: int, see
     raise KDError(f"unknown view schedule {schedule!r}; expected cycle or random")
 
 
-def epoch_pairs(schedule: str, num_views: int, num_samples: int, epoch: int, seed: int) -> list[tuple[int, int]]:
-    """A seeded shuffle of all samples for `epoch`, each paired with its view: the epoch's sampler."""
+def epoch_pairs(schedule: str, num_views: int, num_samples: int, epoch: int, seed: int,
+                window: int = 0) -> list[tuple[int, int]]:
+    """A seeded shuffle of all samples for `epoch`, each paired with its view: the epoch's sampler.
+
+    window 0: a full shuffle. window W: the samples fall into windows of W consecutive rows (aligned to
+    W; make W a multiple of the store's chunk rows), visited in shuffled order, samples shuffled within
+    each window; so a batch touches the chunks of one or two windows and each chunk is read in one
+    stretch of the epoch. Every sample still appears exactly once per epoch.
+    """
     views = epoch_views(schedule, num_views, num_samples, epoch, seed)
-    order = np.random.default_rng([seed, epoch, 0]).permutation(num_samples)
+    rng = np.random.default_rng([seed, epoch, 0])
+    if window <= 0 or window >= num_samples:
+        order = rng.permutation(num_samples)
+    else:
+        starts = rng.permutation(np.arange(0, num_samples, window))
+        order = np.concatenate([start + rng.permutation(min(window, num_samples - start)) for start in starts])
     return [(int(i), int(views[i])) for i in order]

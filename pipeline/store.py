@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -357,6 +358,9 @@ class LogitStore:
                      for width, dtype in meta.arrays().values())
         self.in_memory = nbytes <= max_memory_bytes
         self._arrays = arrays
+        chunk_bytes = nbytes / max(1, meta.num_chunks)
+        self._chunks: OrderedDict[int, dict] = OrderedDict()  # decoded chunks, least recently used first
+        self._chunk_capacity = max(2, int(max_memory_bytes // max(1.0, chunk_bytes)))
         if self.in_memory:
             self._arrays = {name: np.asarray(self._guarded(lambda a=a: a[:], f"all rows of {name}"))
                             for name, a in arrays.items()}
@@ -388,13 +392,34 @@ class LogitStore:
         if self.in_memory:
             stored = {name: a[samples, views] for name, a in self._arrays.items()}
         else:
-            unique, inverse = np.unique(samples, return_inverse=True)  # sorted: one pass over the chunks
-            stored = {}
-            for name, a in self._arrays.items():
-                reader = (lambda a=a: a.oindex[unique]) if self.format == "zarr" else (lambda a=a: a[unique])
-                stored[name] = self._guarded(reader, f"rows {unique[0]}..{unique[-1]}")[inverse, views]
+            stored = self._read_through_chunks(samples, views)
             self._check_finite(stored, samples)
         return topk.decode(self.meta.storage, stored, temperature, self.meta.num_classes)
+
+    def _read_through_chunks(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        """Gather from whole decoded chunks, kept in an LRU cache within the memory budget: with the windowed
+        sampler (`distill.shuffle_chunks`) every chunk is decoded about once per epoch."""
+        size = self.meta.chunk_samples
+        chunk_of = samples // size
+        out = {name: np.empty((len(samples), a.shape[2]), dtype=a.dtype) for name, a in self._arrays.items()}
+        for k in np.unique(chunk_of):
+            block = self._chunk(int(k))
+            rows = chunk_of == k
+            for name in out:
+                out[name][rows] = block[name][samples[rows] - k * size, views[rows]]
+        return out
+
+    def _chunk(self, k: int) -> dict[str, np.ndarray]:
+        if k in self._chunks:
+            self._chunks.move_to_end(k)
+            return self._chunks[k]
+        first, stop = self.meta.chunk_rows(k)
+        where = f"chunk {k} (rows {first}..{stop - 1})"
+        block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where)) for name, a in self._arrays.items()}
+        self._chunks[k] = block
+        while len(self._chunks) > self._chunk_capacity:
+            self._chunks.popitem(last=False)
+        return block
 
     def verify_chunks(self) -> int:
         """Read every chunk (checksums are verified on decode) and check its values; return the chunk count."""

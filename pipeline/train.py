@@ -269,18 +269,22 @@ def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tenso
 
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
-            device: torch.device, num_workers: int = 0, log: EpochLog = lambda e, m: None) -> nn.Module:
+            device: torch.device, num_workers: int = 0, chunk_samples: int = 0,
+            log: EpochLog = lambda e, m: None) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
     `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
+    With cfg.shuffle_chunks N > 0, samples are shuffled within windows of N x `chunk_samples` rows.
     """
     torch.manual_seed(seed)
     student.to(device)
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed)
-    sampler = EpochSampler(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed), len(train))
+    window = cfg.shuffle_chunks * chunk_samples
+    sampler = EpochSampler(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
+                           len(train))
     loader = make_loader(dataset, sampler, cfg.batch_size, num_workers, device)
     for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch"):
         student.train()

@@ -34,11 +34,12 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     if cfg.teacher_source == "cache":
         if cache_path is None:
             raise KDError("distill.teacher_source is cache but no --cache store was given")
-        store = LogitStore(cache_path)
+        store = LogitStore(cache_path, max_memory_bytes=params.memory_mb << 20)
         # The views this run replays must be the ones the store's logits belong to: refuse any difference.
         store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
                         augment=augment, mean=list(mean), std=list(std), seed=replay_seed, num_views=num_views,
-                        num_samples=len(data.train), num_classes=data.num_classes)
+                        num_samples=len(data.train), num_classes=data.num_classes,
+                        chunk_samples=params.cache.chunk_samples)
         targets = store_targets(store, cfg.temperature)
     else:
         targets = online_targets(teacher, device, params.cache.amp)
@@ -49,7 +50,7 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     with live_log(live_dir) as log:
         run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views, cfg,
                     kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
-                    num_workers=params.num_workers, log=log)
+                    num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples, log=log)
     name = "Baseline" if baseline else "Student"
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")

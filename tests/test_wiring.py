@@ -9,7 +9,7 @@ needless re-runs. Decisions:
     assembles the commands; a stage's result depends on its own command's code, not on its siblings'.
 Params: every key the stage's code (`stages/` modules in its closure) reads must be declared, and every declared
 key read. A whole section passed on (`load_dataset(params.data)`, `run_distill(..., cfg, ...)`) reads all its keys.
-`device` and `num_workers` are never declared: by design they never change a result. Other exceptions are listed
+`device`, `num_workers` and `memory_mb` are never declared: by design they never change a result. Other exceptions are listed
 below with their reasons (an entry no longer needed fails too); the baseline (`kd distill --baseline`) must not
 declare `BASELINE_EXCLUDED`.
 Paths: every out/metric/plot lies at or under a path in `cmd`, and every other dep is in `cmd` or is the data
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]  # safe_load resolves the *distill_deps alias
 
-NEVER_CHANGE_RESULTS = {"device", "num_workers"}
+NEVER_CHANGE_RESULTS = {"device", "num_workers", "memory_mb"}
 # Keys read by a stage's code but rightly not declared, with the reason.
 READ_NOT_DECLARED = {
     "cache": {"cache.batch_size": "only batches the teacher's eval-mode forward pass; the logits do not depend on it"},
