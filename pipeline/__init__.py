@@ -6,7 +6,10 @@ Modules, one job each:
   data     the dataset, its fixed train/val/test split, the input transform and the fingerprint
   models   the teacher and student architectures (CIFAR ResNets and WRNs in cifar_models) and checkpoints
   replay   the one function that rebuilds augmented view v of sample i
-  store    the logit store (zarr or HDF5): write, validate, batch read
+  store    the logit store (zarr or HDF5): layout, metadata, validated batch reads
+  writer   writing a store chunk by chunk, resumable, over torchrun ranks (with train)
+  topk     compact storage: top-K logits and a tail summary
+  distributed  torchrun's process group: rank, world size, broadcast, gather
   loss     the distillation loss
   train    the training and evaluation loops
   report   figures and the markdown report

@@ -22,7 +22,8 @@ from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
 from pipeline.params import CacheParams, DistillParams, OptimParams
 from pipeline.replay import EpochSampler, ReplayDataset, build_augment, epoch_pairs
-from pipeline.store import LogitStore, StoreMeta, StoreWriter
+from pipeline.store import LogitStore, StoreMeta
+from pipeline.writer import StoreWriter
 
 Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochLog = Callable[[int, dict], None]

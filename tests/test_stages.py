@@ -110,7 +110,8 @@ def test_distill_refuses_missing_or_incomplete_store(workdir):
     assert invoke("teacher", "--params", params).exit_code == 0
     result = invoke("distill", "--params", params, "--cache", "nothing.zarr")
     assert result.exit_code == 1 and "nothing.zarr: logit store not found" in result.output
-    from pipeline.store import StoreMeta, StoreWriter
+    from pipeline.store import StoreMeta
+    from pipeline.writer import StoreWriter
 
     meta = StoreMeta(10, 2, 10, [], [0.0], [1.0], 0, "float16", "full", 0, 4, "off", "cnn", "t", "d")
     writer = StoreWriter(workdir / "half.zarr", "zarr", meta, np.zeros(10, np.int64))
