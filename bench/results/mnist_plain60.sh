@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# MNIST as in the paper (recipes/mnist-hinton.yaml) with the recipe's full 60-epoch teacher; students 20 epochs,
+# lambda = 0.5 (chosen on validation with mnist_plain.sh's teacher). `bash bench/results/mnist_plain60.sh`
+set -euo pipefail
+OUT=${OUT:-runs/mnist-plain60}
+MNIST=${MNIST:-../shared/data/mnist}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+python bench/derive_params.py recipes/mnist-hinton.yaml "$OUT/params.yaml" data.root="$MNIST" distill.epochs=20
+t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
+: > "$OUT/times.txt"
+t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"
+t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"
+du -sb "$OUT/logits.zarr" >> "$OUT/times.txt"
+run() { python bench/sweep.py --params "$OUT/params.yaml" --cache "$OUT/logits.zarr" -T 20 "$@" --seeds 0 --seeds 1 \
+    --seeds 2 --report-test --out "$OUT/final.jsonl"; }
+s=$(date +%s); run -l 0 & run -l 0.5 & wait; echo "final $(( $(date +%s) - s ))" >> "$OUT/times.txt"
