@@ -18,6 +18,7 @@ from conftest import write_params
 KD = [sys.executable, "-m", "stages.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+VIEWS = 8  # ~3 s of teacher work: the kills land mid-way, not after the run ends
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def setup(tmp_path_factory):
     """An untrained (seeded) cnn teacher: slow enough (~8 s for the cache) to be killed mid-way."""
     root = tmp_path_factory.mktemp("resume")
     params = write_params(root / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
-                                                   "cache.chunk_samples": 64, "cache.batch_size": 32})
+                                                   "cache.chunk_samples": 64, "cache.batch_size": 32,
+                                                   "cache.num_views": VIEWS})
     subprocess.run([*KD, "teacher", "--params", str(params), "--out", str(root / "teacher.pt")], check=True,
                    env=ENV, capture_output=True)
     return root, params
@@ -48,7 +50,7 @@ def cache(params, root, out, kill_at=None, ranks=1):
         if kill_at is not None and char == "[":  # tqdm: "cache:  40%|####  | 864/2154 [00:03<..."
             done = re.findall(r"(\d+)/\d+ \[$", seen)
             if done and int(done[-1]) >= kill_at:
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank
+                kill_tree(proc.pid)
                 break
     proc.wait()
     if kill_at is None:
@@ -56,6 +58,29 @@ def cache(params, root, out, kill_at=None, ranks=1):
     else:
         assert proc.returncode == -signal.SIGKILL
     return seen
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its ranks in sessions of their own), then wait
+    until all are gone."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    descendants = parent.children(recursive=True)
+    for p in [parent, *descendants]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=30)  # not the parent: Popen.wait reaps it and reads its status
+
+
+def contents_done(path, fmt):
+    """The chunks_done flags of a partial store."""
+    if fmt == "zarr":
+        return zarr.open_group(str(path), mode="r")["chunks_done"][:]
+    with h5py.File(path, "r") as f:
+        return f["chunks_done"][:]
 
 
 def contents(path, fmt):
@@ -72,11 +97,11 @@ def test_killed_cache_resumes_to_the_same_store_bit_for_bit(setup, fmt, tmp_path
     root, params = setup
     params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
                                                        "cache.chunk_samples": 64, "cache.batch_size": 32,
-                                                       "cache.format": fmt})
+                                                       "cache.format": fmt, "cache.num_views": VIEWS})
     reference = tmp_path / f"reference.{fmt}"
     cache(params, root, reference)
     store = tmp_path / f"resumed.{fmt}"
-    total = 1077 * 2
+    total = 1077 * VIEWS
     for kill_at in (total // 5, total // 2):  # killed twice, at different points
         cache(params, root, store, kill_at=kill_at)
         assert not store.exists() and store.with_name(store.name + ".partial").exists()
@@ -96,7 +121,7 @@ def test_resuming_with_other_params_is_refused(setup, tmp_path):
     cache(params, root, store, kill_at=400)
     other = write_params(tmp_path / "other.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
                                                      "cache.chunk_samples": 64, "cache.batch_size": 32,
-                                                     "cache.seed": 3})
+                                                     "cache.num_views": VIEWS, "cache.seed": 3})
     result = subprocess.run([*KD, "cache", "--params", str(other), "--teacher", str(root / "teacher.pt"),
                              "--out", str(store)], env=ENV, capture_output=True, text=True)
     assert result.returncode == 1
@@ -110,7 +135,7 @@ def test_two_ranks_write_the_same_store_and_resume_with_any_number_of_ranks(setu
     root, _ = setup
     params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
                                                        "cache.chunk_samples": 64, "cache.batch_size": 32,
-                                                       "cache.format": fmt})
+                                                       "cache.format": fmt, "cache.num_views": VIEWS})
     reference, two = tmp_path / f"one.{fmt}", tmp_path / f"two.{fmt}"
     cache(params, root, reference)
     cache(params, root, two, ranks=2)
@@ -120,7 +145,9 @@ def test_two_ranks_write_the_same_store_and_resume_with_any_number_of_ranks(setu
     for kill_ranks, resume_ranks in ((2, 1), (1, 2)):
         store = tmp_path / f"resumed-{kill_ranks}-{resume_ranks}.{fmt}"
         cache(params, root, store, kill_at=600, ranks=kill_ranks)
-        assert store.with_name(store.name + ".partial").exists()
+        partial = store.with_name(store.name + ".partial")
+        assert partial.exists()
+        done = int(contents_done(partial, fmt).sum())
         out = cache(params, root, store, ranks=resume_ranks)
-        assert "Resumed an interrupted run" in out, out
+        assert done > 0 and f"Resumed an interrupted run: {done} of 17 chunks were already done" in out, out
         assert np.array_equal(contents(store, fmt)[0].view(np.uint16), first[0].view(np.uint16))
