@@ -31,6 +31,7 @@ bench: install
 	python bench/throughput.py --out BENCHMARKS.md
 	python bench/integrity.py --append BENCHMARKS.md
 	python bench/topk.py --append BENCHMARKS.md
+	python bench/cache_throughput.py --append BENCHMARKS.md --json bench/results.json
 
 clean:
 	rm -rf models cache reports
