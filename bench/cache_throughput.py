@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 
 from pipeline.data import Split, input_transform

@@ -22,7 +22,6 @@ logits are refused, as is a chunk whose checksum fails.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -79,7 +79,7 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
     pairs = lambda k: [(i, v) for i in range(*meta.chunk_rows(k)) for v in range(meta.num_views)]  # noqa: E731
     sampler = EpochSampler(lambda n: pairs(chunks[n]), len(images))
     loader = make_loader(dataset, sampler, batch_size, num_workers, device)
-    total = sum(len(pairs(k)) for k in chunks)
+    total = sum(stop - first for first, stop in map(meta.chunk_rows, chunks)) * meta.num_views
     with tqdm(total=total, desc="cache", unit="view", disable=distributed.rank() != 0) as bar:
         for n, k in enumerate(chunks):
             sampler.epoch = n

@@ -61,7 +61,7 @@ class StoreWriter:
             self._resume()
         else:
             self._create(np.asarray(labels, dtype=np.int64))
-        self.pending = [k for k in range(meta.num_chunks) if not self._done[k]]
+        self.pending = np.flatnonzero(~np.asarray(self._done[:])).tolist()  # one read, not one per chunk
 
     def _create(self, labels: np.ndarray) -> None:
         meta = self.meta

@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from torchvision.io import decode_image, encode_jpeg, write_jpeg, write_png
+from torchvision.io import write_jpeg, write_png
 
 from pipeline import KDError
 from pipeline.sources import SOURCES, ImageFiles, fingerprint_images, load_source

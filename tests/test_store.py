@@ -8,7 +8,7 @@ import zarr
 
 from pipeline.data import fingerprint
 from pipeline.models import weights_fingerprint
-from pipeline.replay import build_augment, replay_view
+from pipeline.replay import replay_view
 from pipeline.store import LogitStore, StoreError, StoreMeta
 from pipeline.writer import StoreWriter, write_store
 from pipeline.train import teacher_forward

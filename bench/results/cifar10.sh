@@ -8,14 +8,13 @@ SUBSET=${SUBSET:-20000}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-15}
 EPOCHS=${EPOCHS:-15}
 MILESTONE=${MILESTONE:-13}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT" "$JPG"
 [ -d "$JPG/train" ] || tar xzf ../shared/data/cifar10-jpg.tar.gz -C "$JPG"
 python bench/derive_params.py recipes/cifar10-origin.yaml "$OUT/params.yaml" data.name=imagefolder \
     data.root="$JPG" data.train_subset="$SUBSET" teacher.arch=resnet20 teacher.epochs="$TEACHER_EPOCHS" \
     teacher.optimizer.schedule=cosine teacher.optimizer.lr_milestones=[] teacher.optimizer.lr_factors=[] \
     cache.num_views=4 distill.epochs="$EPOCHS" distill.optimizer.lr_milestones=["$MILESTONE"]
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
 : > "$OUT/times.txt"
 t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"
 t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"

@@ -4,7 +4,7 @@
 # `bash bench/results/cifar10_final.sh`
 set -euo pipefail
 OUT=${OUT:-runs/cifar10}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 L=$(python -c "import json; rows=[json.loads(l) for l in open('$OUT/search.jsonl') if json.loads(l)['kd_weight'] > 0]; \
 print(max(rows, key=lambda r: r['val_acc_mean'])['kd_weight'])")
 echo "chosen lambda $L (T = 4)"

@@ -3,7 +3,7 @@
 set -euo pipefail
 OUT=${OUT:-runs/cifar10}
 JPG=${JPG:-runs/cifar10-jpg}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 python bench/derive_params.py recipes/cifar10-origin.yaml "$OUT/params.yaml" data.name=imagefolder \
     data.root="$JPG" data.train_subset=20000 teacher.arch=resnet20 teacher.epochs=15 \
     teacher.optimizer.schedule=cosine teacher.optimizer.lr_milestones=[] teacher.optimizer.lr_factors=[] \

@@ -2,8 +2,7 @@
 # The steps of cifar10.sh after the teacher (cache and the validation search), on their own.
 set -euo pipefail
 OUT=${OUT:-runs/cifar10}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
+source "$(dirname "$0")/common.sh"
 t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"
 du -sb "$OUT/logits.zarr" >> "$OUT/times.txt"
 t search python bench/sweep.py --params "$OUT/params.yaml" --cache "$OUT/logits.zarr" -T 4 -l 0 -l 1 -l 4 \

@@ -6,12 +6,11 @@ set -euo pipefail
 OUT=${OUT:-runs/mnist}
 MNIST=${MNIST:-../shared/data/mnist}
 EPOCHS=${EPOCHS:-20}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT"
 python bench/derive_params.py recipes/mnist-hinton.yaml "$OUT/params.yaml" data.root="$MNIST" \
     teacher.epochs="$EPOCHS" distill.epochs="$EPOCHS" "augment=[{RandomCrop: {size: 28, padding: 2}}]" \
     cache.num_views=4
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
 : > "$OUT/times.txt"
 t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"
 t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"

@@ -3,7 +3,7 @@
 # validation and test. `LAMBDA=1 bash bench/results/mnist_final.sh`
 set -euo pipefail
 OUT=${OUT:-runs/mnist}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 s=$(date +%s)
 python bench/sweep.py --params "$OUT/params.yaml" --cache "$OUT/logits.zarr" -T 20 -l 0 -l "$LAMBDA" \
     --seeds 0 --seeds 1 --seeds 2 --report-test --out "$OUT/final.jsonl"

@@ -6,11 +6,10 @@ set -euo pipefail
 OUT=${OUT:-runs/mnist-plain}
 MNIST=${MNIST:-../shared/data/mnist}
 EPOCHS=${EPOCHS:-20}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT"
 python bench/derive_params.py recipes/mnist-hinton.yaml "$OUT/params.yaml" data.root="$MNIST" \
     teacher.epochs="$EPOCHS" distill.epochs="$EPOCHS"
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
 : > "$OUT/times.txt"
 if [ -f runs/mnist/teacher.pt ]; then cp runs/mnist/teacher.pt "$OUT/teacher.pt"; else
     t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"; fi

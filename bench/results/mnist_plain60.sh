@@ -4,10 +4,9 @@
 set -euo pipefail
 OUT=${OUT:-runs/mnist-plain60}
 MNIST=${MNIST:-../shared/data/mnist}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT"
 python bench/derive_params.py recipes/mnist-hinton.yaml "$OUT/params.yaml" data.root="$MNIST" distill.epochs=20
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
 : > "$OUT/times.txt"
 t teacher kd teacher --params "$OUT/params.yaml" --out "$OUT/teacher.pt" --live-dir "$OUT/live/teacher"
 t cache kd cache --params "$OUT/params.yaml" --teacher "$OUT/teacher.pt" --out "$OUT/logits.zarr"

@@ -5,12 +5,11 @@ set -euo pipefail
 RUN=${RUN:-runs/mnist}
 OUT=${OUT:-runs/mnist-online}
 EPOCHS=${EPOCHS:-2}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$(dirname "$0")/common.sh"
 mkdir -p "$OUT"
 python bench/derive_params.py "$RUN/params.yaml" "$OUT/cache.yaml" cache.dtype=float32 cache.batch_size=128 \
     distill.epochs="$EPOCHS"
 python bench/derive_params.py "$OUT/cache.yaml" "$OUT/online.yaml" distill.teacher_source=online
-t() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name $(( $(date +%s) - s ))" >> "$OUT/times.txt"; }
 : > "$OUT/times.txt"
 t cache32 kd cache --params "$OUT/cache.yaml" --teacher "$RUN/teacher.pt" --out "$OUT/logits32.zarr"
 t distill_cache kd distill --params "$OUT/cache.yaml" --teacher "$RUN/teacher.pt" --cache "$OUT/logits32.zarr" \
