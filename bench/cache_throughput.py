@@ -2,6 +2,7 @@
 data grows. Writes a markdown section (--append) and bench/results.json (flat keys, documented below).
 
 Usage: python bench/cache_throughput.py [--repeats 3] [--append BENCHMARKS.md] [--json bench/results.json]
+       python bench/cache_throughput.py --device cuda --workers 8 ...   (the GPU table: see `measure_device`)
 
 For each pair (teacher, input), on the same synthetic uint8 images and in alternation:
   teacher forward alone   `teacher_forward` on pre-replayed batches (views/s; CPU-seconds per view)
@@ -98,6 +99,79 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
             f"cache_vs_shared_cores_bound_{name}": best / bound}
 
 
+DEVICE_PAIRS = {  # name: (teacher, samples); 3x32x32 inputs with crop + flip, as CIFAR training
+    "cifar_resnet20": ("resnet20", 16384),
+    "cifar_resnet56": ("resnet56", 16384),
+}
+
+
+def measure_device(name: str, repeats: int, root: Path, device: torch.device, amp: str, workers: int,
+                   batch_size: int = 512) -> dict:
+    """On `device` (a GPU): the cache stage against the teacher's forward alone, both under `amp`.
+
+    The forward alone is `teacher_forward` (host-to-device copy, channels-last, autocast, logits back to the
+    host) on batches replayed beforehand; the cache stage replays in `workers` DataLoader workers. Keys:
+    gpu_teacher_forward_views_per_s_<pair>_<amp>, gpu_cache_views_per_s_<pair>_<amp>,
+    gpu_cache_vs_teacher_forward_<pair>_<amp>.
+    """
+    from pipeline.train import prepare_teacher
+    arch, n = DEVICE_PAIRS[name]
+    augment = PAIRS["cifar_resnet20"][2]
+    g = torch.Generator().manual_seed(0)
+    train = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.zeros(n, dtype=torch.long))
+    teacher = build_model(arch, 3, 10, image_size=32, seed=0).eval()
+    live = prepare_teacher(build_model(arch, 3, 10, image_size=32, seed=0), device)
+    transform = input_transform(build_augment(augment), (0.5,) * 3, (0.25,) * 3)
+    dataset = ReplayDataset(train.images, train.labels, transform, 0)
+    pairs = [(i, v) for i in range(n) for v in range(VIEWS)]
+    batches = [torch.stack([dataset[p][0] for p in pairs[s:s + batch_size]]) for s in range(0, len(pairs), batch_size)]
+    if device.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+    views = len(pairs)
+
+    def forward():
+        for x in batches:
+            teacher_forward(live, x, device, amp)
+
+    def cache():
+        cfg = CacheParams(num_views=VIEWS, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
+                          chunk_samples=4096, batch_size=batch_size, amp=amp)
+        out = root / f"{name}-{amp}-{time.perf_counter_ns()}.zarr"
+        cache_teacher_logits(out, cfg, teacher, arch, train, 10, augment, (0.5,) * 3, (0.25,) * 3, device,
+                             num_workers=workers)
+
+    forward()  # warm up (cuDNN autotuning, allocator)
+    runs = {"forward": [], "cache": []}
+    for _ in range(repeats):
+        for key, fn in (("forward", forward), ("cache", cache)):
+            wall, _ = timed(fn)
+            runs[key].append(views / wall)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {f"gpu_teacher_forward_views_per_s_{name}_{amp}": med["forward"],
+            f"gpu_cache_views_per_s_{name}_{amp}": med["cache"],
+            f"gpu_cache_vs_teacher_forward_{name}_{amp}": med["cache"] / med["forward"]}
+
+
+def device_section(results: dict, repeats: int, workers: int, device: torch.device) -> list[str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    lines = ["", f"## The cache stage on a GPU ({name})", "",
+             f"`python bench/cache_throughput.py --device {device} --workers {workers} --repeats {repeats}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPU cores, torch "
+             f"{torch.__version__}): views per second, medians of {repeats} alternated repeats, {VIEWS} views per "
+             f"sample, 3x32x32 synthetic uint8 images with crop + flip replayed in {workers} DataLoader workers, "
+             "batch 512, real zarr stores (float16).", "",
+             "| teacher | amp | teacher forward alone | cache stage | cache / teacher forward |", "|---|---|---|---|---|"]
+    for name in DEVICE_PAIRS:
+        for amp in ("off", "float16", "bfloat16"):
+            key = f"{name}_{amp}"
+            if f"gpu_cache_views_per_s_{key}" in results:
+                lines.append(f"| {DEVICE_PAIRS[name][0]} | {amp} | {results[f'gpu_teacher_forward_views_per_s_{key}']:.0f} "
+                             f"| {results[f'gpu_cache_views_per_s_{key}']:.0f} | "
+                             f"{results[f'gpu_cache_vs_teacher_forward_{key}']:.2f}x |")
+    return lines
+
+
 def scaling(root: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
     """Time per view of the cache stage as the data grows (1 view, no augmentation, a small MLP teacher)."""
     out = {}
@@ -118,9 +192,21 @@ def scaling(root: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--json", "json_path", default="bench/results.json", show_default=True,
               help="Merge the figures into this flat JSON object.")
 @click.option("--scaling/--no-scaling", "scaling_run", default=True, show_default=True)
-def main(repeats, out, json_path, scaling_run):
+@click.option("--device", "device_name", default="cpu", show_default=True,
+              help="cpu: the bounds table; cuda: the GPU table (teacher forward vs cache stage, amp off/float16/bfloat16).")
+@click.option("--workers", default=8, show_default=True, help="DataLoader workers for the GPU table.")
+def main(repeats, out, json_path, scaling_run, device_name, workers):
     os.environ.setdefault("TQDM_DISABLE", "1")
     results = {}
+    if device_name != "cpu":
+        from pipeline.models import resolve_device
+        device = resolve_device(device_name)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in DEVICE_PAIRS:
+                for amp in ("off", "float16", "bfloat16") if device.type == "cuda" else ("off",):
+                    results.update(measure_device(name, repeats, Path(tmp), device, amp, workers))
+                    print({k: round(v, 3) for k, v in results.items() if name in k and amp in k}, flush=True)
+        return _write(device_section(results, repeats, workers, device), results, out, json_path)
     with tempfile.TemporaryDirectory() as tmp:
         for name in PAIRS:
             results.update(measure_pair(name, repeats, Path(tmp)))
@@ -142,6 +228,10 @@ def main(repeats, out, json_path, scaling_run):
     if scale:
         lines += ["", "Time per view as the data grows (1 view, no augmentation, mlp teacher on 1x8x8): " +
                   ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
+    _write(lines, results, out, json_path)
+
+
+def _write(lines: list[str], results: dict, out, json_path) -> None:
     print("\n".join(lines))
     if out:
         with open(out, "a") as f:

@@ -73,7 +73,13 @@ class Pair:
     teacher_pass: bool  # also time the teacher alone (the cost of the cache stage)
 
 
-def pairs_for(quick: bool) -> list[Pair]:
+def pairs_for(quick: bool, device: torch.device = torch.device("cpu")) -> list[Pair]:
+    if device.type == "cuda":  # students of real size too: a tiny one is launch-bound on a GPU
+        return [Pair("A (defaults)", "cnn", "tiny_cnn", (1, 8, 8), 10, 64, 1077, 8, True),
+                Pair("C (resnet56 -> resnet20, batch 128)", "resnet56", "resnet20", (3, 32, 32), 10, 128, 50000, 8,
+                     True),
+                Pair("C (resnet56 -> resnet20, batch 512)", "resnet56", "resnet20", (3, 32, 32), 10, 512, 50000, 8,
+                     False)]
     if quick:
         return [Pair("A (defaults)", "cnn", "tiny_cnn", (1, 8, 8), 10, 64, 1077, 8, False),
                 Pair("B (resnet18, 10 classes)", "resnet18", "tiny_cnn", (3, 32, 32), 10, 64, 1000, 8, True)]
@@ -335,7 +341,8 @@ def machine_lines(device: torch.device, load_before: tuple, load_after: tuple) -
 
 
 def intro_lines(repeats: int, window_s: float, quick: bool) -> list[str]:
-    lines = ["# Benchmarks: distill-step throughput", ""]
+    lines = ["# Benchmarks: distill-step throughput", "",
+             "These are CPU figures from `make bench`; the GPU figures (a lent H200) are in BENCHMARKS-GPU.md.", ""]
     if quick:
         lines += ["**Quick smoke run (`--quick`): tiny timing windows, numbers are not meaningful.**", ""]
     lines += [
@@ -398,7 +405,7 @@ def main(out_path, repeats, quick, window_s, device_name, budget, threads):
     load_before = os.getloadavg()
     sections: list[str] = []
     teacher_rows: list[tuple[Pair, Job]] = []
-    pairs = pairs_for(quick)
+    pairs = pairs_for(quick, device)
     for p_index, pair in enumerate(pairs):
         click.echo(f"[{time.perf_counter() - started:6.1f}s] pair {pair.name}: writing stores", err=True)
         with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
