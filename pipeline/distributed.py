@@ -55,6 +55,17 @@ def gather(value) -> list | None:
     return out
 
 
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of every rank's CPU `tensor` (a copy; the input alone in one process)."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    if dist.get_backend() == "nccl":
+        out = out.cuda()
+    dist.all_reduce(out)
+    return out.cpu()
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -69,6 +69,90 @@ def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: tor
                       generator=torch.Generator())
 
 
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's share of each global batch of `pairs_of(epoch)` (set `epoch` before each pass).
+
+    The epoch's pairs are cut into global batches of `batch_size` in order; rank r of `world` takes the r-th
+    of `np.array_split(batch, world)` (near-equal parts). A rank whose part is empty (a last batch smaller than
+    the world) gets the batch's first pair as a stand-in, which `share` weighs 0. One process: the batches are
+    exactly `DataLoader(batch_size=...)`'s.
+    """
+
+    def __init__(self, pairs_of, batch_size: int, rank: int = 0, world: int = 1):
+        self.pairs_of, self.batch_size, self.rank, self.world, self.epoch = pairs_of, batch_size, rank, world, 0
+
+    def __iter__(self):
+        pairs = self.pairs_of(self.epoch)
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start:start + self.batch_size]
+            first, stop = _share_bounds(len(batch), self.rank, self.world)
+            yield batch[first:stop] if stop > first else batch[:1]
+
+    def share(self, step: int, total: int) -> tuple[int, float]:
+        """(this rank's real samples in global step `step` of an epoch of `total` pairs, its loss scale
+        samples x world / global batch): scaled so, the ranks' averaged gradients are the global batch mean's."""
+        size = min(self.batch_size, total - step * self.batch_size)
+        first, stop = _share_bounds(size, self.rank, self.world)
+        return stop - first, (stop - first) * self.world / size
+
+
+def _share_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[first, stop) of rank's part of `size` items, as np.array_split cuts them."""
+    base, extra = divmod(size, world)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
+
+
+PREFETCH = 4  # batches read ahead from a store larger than memory (`kd distill`); in-memory stores read in line
+
+
+def prefetched(batches, targets: Targets | None, depth: int):
+    """Yield `(batch, teacher logits or None)` for each batch `(x, y, samples, views)` of `batches`, with up to
+    `depth` batches and their targets prepared ahead in a background thread (0: in line, no thread).
+
+    Reading the store (chunk decoding, gathering, checks) then overlaps the training step; the values are the
+    same as in line. Memory: `depth` batches of inputs and logits on top of the store's chunk cache.
+    """
+    def make(batch):
+        return batch, (targets(batch[0], batch[2], batch[3]) if targets is not None else None)
+
+    if depth <= 0:
+        yield from map(make, batches)
+        return
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def work():
+        try:
+            for batch in batches:
+                item = make(batch)
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the training thread
+            box.put(e)
+
+    thread = threading.Thread(target=work, name="kd-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta, chunks: list[int], batch_size: int,
                          device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(k, logits[rows of chunk k, V, C])` float32 for each chunk index in `chunks`.
@@ -174,16 +258,25 @@ def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") 
     return lambda x, samples, views: teacher_forward(teacher, x, device, amp)
 
 
+def eval_loader(split: Split, transform, num_workers: int = 0, batch_size: int = 512) -> DataLoader:
+    """Batches `(x, y)` of `split` through the deterministic `transform`, in order; workers (if any) persist,
+    so one loader serves every epoch's validation."""
+    return DataLoader(ViewDataset(split, transform), batch_size=batch_size, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, transform, device: torch.device, num_workers: int = 0,
-             batch_size: int = 512) -> float:
-    """Fraction of `split` classified correctly, inputs through the deterministic `transform`."""
+def accuracy(model: nn.Module, split: Split | DataLoader, transform=None, device: torch.device = torch.device("cpu"),
+             num_workers: int = 0, batch_size: int = 512) -> float:
+    """Fraction of `split` classified correctly, inputs through the deterministic `transform`; or of an
+    `eval_loader`'s batches (then `transform` and `num_workers` are the loader's)."""
     model.eval()
-    correct = 0
-    loader = DataLoader(ViewDataset(split, transform), batch_size=batch_size, num_workers=num_workers)
+    loader = split if isinstance(split, DataLoader) else eval_loader(split, transform, num_workers, batch_size)
+    correct = total = 0
     for x, y in loader:
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    return correct / len(split)
+        total += len(y)
+    return correct / total
 
 
 def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
@@ -226,6 +319,7 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
 
     sampler = EpochSampler(pairs, len(train))
     loader = make_loader(dataset, sampler, batch_size, num_workers, device)
+    val_loader = eval_loader(val, eval_transform, num_workers)
     for epoch in tqdm(range(epochs), desc="teacher", unit="epoch"):
         model.train()
         sampler.epoch = epoch
@@ -242,7 +336,7 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
             seen += len(y)
         schedule.step()
         log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
-                    "val_acc": accuracy(model, val, eval_transform, device, num_workers)})
+                    "val_acc": accuracy(model, val_loader, device=device)})
     return model.eval()
 
 
@@ -254,23 +348,30 @@ def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
     return loss
 
 
-def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tensor, y: torch.Tensor,
+def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torch.Tensor, y: torch.Tensor,
                  samples: torch.Tensor, views: torch.Tensor, temperature: float, kd_weight: float,
-                 device: torch.device, ce_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits)."""
-    teacher_logits = targets(x, samples, views).to(device) if kd_weight else None
+                 device: torch.device, ce_weight: float = 1.0, teacher_logits: torch.Tensor | None = None,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits).
+
+    The teacher's logits are `teacher_logits` when given (read ahead), else `targets(x, samples, views)`.
+    The gradient is that of `scale` x loss (a rank's share of a global batch under torchrun; 1 alone).
+    """
+    if kd_weight and teacher_logits is None:
+        teacher_logits = targets(x, samples, views)
+    teacher_logits = teacher_logits.to(device, non_blocking=True) if kd_weight else None
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     logits = student(x)
     loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight, ce_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * scale if scale != 1.0 else loss).backward()
     optimizer.step()
     return loss.detach(), logits.detach()
 
 
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
-            device: torch.device, num_workers: int = 0, chunk_samples: int = 0,
+            device: torch.device, num_workers: int = 0, chunk_samples: int = 0, prefetch: int = 0,
             log: EpochLog = lambda e, m: None) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
@@ -278,28 +379,54 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
     `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
     With cfg.shuffle_chunks N > 0, samples are shuffled within windows of N x `chunk_samples` rows.
+    `prefetch` > 0 reads that many batches' targets ahead in a background thread (same values).
+
+    Under torchrun (world size N > 1) the student is wrapped in DistributedDataParallel (SyncBatchNorm on
+    CUDA); cfg.batch_size is the global batch: every rank replays and reads only its near-equal share of each
+    global batch, and its loss is scaled so that the averaged gradient is the global batch mean. The result
+    matches one process up to floating-point order (on CPU, BatchNorm statistics stay per rank; dropout draws
+    differ). `log` gets the global training loss and accuracy; validation runs on rank 0 only (others get
+    val_acc NaN).
     """
     torch.manual_seed(seed)
     student.to(device)
+    me, world = distributed.rank(), distributed.world_size()
+    model = student
+    if world > 1:
+        if cfg.batch_size < world:
+            raise KDError(f"distill.batch_size is {cfg.batch_size}, smaller than the {world} ranks; it is the "
+                          "global batch, split among the ranks: make it at least the number of processes")
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed)
     window = cfg.shuffle_chunks * chunk_samples
-    sampler = EpochSampler(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
-                           len(train))
-    loader = make_loader(dataset, sampler, cfg.batch_size, num_workers, device)
-    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch"):
-        student.train()
-        sampler.epoch = epoch
-        loss_sum = correct = seen = 0
-        for x, y, samples, views in loader:
-            loss, logits = distill_step(student, optimizer, targets, x, y, samples, views, cfg.temperature,
-                                        kd_weight, device, cfg.ce_weight)
-            y = y.to(device)
-            loss_sum += _finite_loss(loss.item(), epoch, "distillation" if kd_weight else "baseline training",
-                                     cfg.optimizer.lr) * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+    batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
+                          cfg.batch_size, me, world)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=num_workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    what = "distillation" if kd_weight else "baseline training"
+    val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
+    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch", disable=me != 0):
+        model.train()
+        batches.epoch = epoch
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)
+        for step, ((x, y, samples, views), teacher_logits) in enumerate(
+                prefetched(loader, targets if kd_weight else None, prefetch)):
+            real, scale = batches.share(step, len(train)) if world > 1 else (len(y), 1.0)
+            loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
+                                        kd_weight, device, cfg.ce_weight, teacher_logits, scale)
+            if real:
+                y = y.to(device)
+                totals += torch.tensor([_finite_loss(loss.item(), epoch, what, cfg.optimizer.lr) * len(y),
+                                        (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
         schedule.step()
-        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
-                    "val_acc": accuracy(student, val, eval_transform, device, num_workers)})
+        if world > 1:
+            totals = distributed.all_sum(totals)
+        loss_sum, correct, seen = totals.tolist()
+        val_acc = accuracy(student, val_loader, device=device) if me == 0 else float("nan")
+        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": val_acc})
     return student.eval()

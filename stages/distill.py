@@ -17,15 +17,25 @@ from stages.common import device_option, live_log, params_option, setup, stage
 @click.option("--baseline", is_flag=True, help="Train the student alone (kd_weight 0) on the same views.")
 @stage
 def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
-    """Train distill.student and save it to OUT."""
-    from pipeline import KDError
+    """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes)."""
+    from pipeline import distributed
+
+    params, device = setup(params_path, device)
+    device = distributed.init(device)  # under torchrun: DDP, one rank per process (each on its own GPU)
+    try:
+        _distill(params, device, teacher_path, cache_path, out, live_dir, baseline)
+    finally:
+        distributed.close()
+
+
+def _distill(params, device, teacher_path, cache_path, out, live_dir, baseline):
+    from pipeline import KDError, distributed
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment
     from pipeline.store import LogitStore
-    from pipeline.train import accuracy, distill as run_distill, online_targets, store_targets
+    from pipeline.train import PREFETCH, accuracy, distill as run_distill, online_targets, store_targets
 
-    params, device = setup(params_path, device)
     cfg = params.distill
     data = load_dataset(params.data)
     teacher, _ = load_checkpoint(teacher_path)
@@ -40,17 +50,21 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
                         augment=augment, mean=list(mean), std=list(std), seed=replay_seed, num_views=num_views,
                         num_samples=len(data.train), num_classes=data.num_classes,
                         chunk_samples=params.cache.chunk_samples)
-        targets = store_targets(store, cfg.temperature)
+        targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
     else:
-        targets = online_targets(teacher, device, params.cache.amp)
+        targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
     in_channels, image_size = data.image_shape[0], data.image_shape[-1]
     student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
                           seed=params.seed)
     transform, eval_transform = input_transform(build_augment(augment), mean, std), input_transform(None, mean, std)
-    with live_log(live_dir) as log:
+    me = distributed.rank()
+    with live_log(live_dir if me == 0 else None) as log:
         run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views, cfg,
                     kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
-                    num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples, log=log)
+                    num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples, prefetch=prefetch,
+                    log=log)
+    if me != 0:  # rank 0 reports and writes
+        return
     name = "Baseline" if baseline else "Student"
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")

@@ -1,0 +1,86 @@
+"""`torchrun kd distill`: DDP over ranks with a global batch. Each rank replays and reads only its share of
+every global batch, and the result is one process's up to floating-point order (real processes, gloo on CPU)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+from pipeline.train import RankBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("total,batch", [(10, 4), (9, 3), (7, 8), (5, 2)])
+def test_rank_batches_split_every_global_batch_among_the_ranks(world, total, batch):
+    pairs = [(i, i % 3) for i in range(total)]
+    ranks = [list(RankBatches(lambda e: pairs, batch, r, world)) for r in range(world)]
+    steps = -(-total // batch)
+    assert all(len(r) == steps for r in ranks)  # every rank takes every step (DDP's all-reduce needs it)
+    for step in range(steps):
+        shares = [RankBatches(lambda e: pairs, batch, r, world).share(step, total) for r in range(world)]
+        real = [ranks[r][step][:n] for r, (n, _) in enumerate(shares)]
+        assert sum(real, []) == pairs[step * batch:(step + 1) * batch]  # the global batch, in order, once
+        assert max(n for n, _ in shares) - min(n for n, _ in shares) <= 1
+        assert sum(scale for _, scale in shares) / world == pytest.approx(1.0)  # averaged: the batch mean
+    if world == 1:  # one process: exactly DataLoader(batch_size=batch)'s batches
+        assert ranks[0] == [pairs[s:s + batch] for s in range(0, total, batch)]
+
+
+def distill(params: Path, root: Path, out: Path, ranks: int) -> str:
+    launcher = [sys.executable, "-m", "stages.cli"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "stages.cli"]
+    result = subprocess.run([*launcher, "distill", "--params", str(params), "--teacher", str(root / "teacher.pt"),
+                             "--cache", str(root / "logits.zarr"), "--out", str(out),
+                             "--live-dir", str(out.with_suffix(".live"))],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    params = write_params(root / "params.yaml", **{"distill.student": "mlp", "distill.epochs": 2,
+                                                   "distill.batch_size": 64})
+    for stage, args in (("teacher", ["--out", str(root / "teacher.pt")]),
+                        ("cache", ["--teacher", str(root / "teacher.pt"), "--out", str(root / "logits.zarr")])):
+        subprocess.run([sys.executable, "-m", "stages.cli", stage, "--params", str(params), *args], check=True,
+                       env=ENV, capture_output=True)
+    return root
+
+
+def test_two_ranks_train_the_same_student_as_one_process(run, tmp_path):
+    """An MLP student (no BatchNorm, no dropout): 2 ranks x 32 = one process's batch of 64, same weights up to
+    floating-point order; only rank 0 writes the checkpoint and the log."""
+    params = write_params(tmp_path / "params.yaml", **{"distill.student": "mlp", "distill.epochs": 2,
+                                                       "distill.batch_size": 64})
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    distill(params, run, one, 1)
+    out = distill(params, run, two, 2)
+    assert out.count("validation accuracy") == 1  # rank 0 reports
+    a, b = torch.load(one)["state_dict"], torch.load(two)["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), (name, (a[name] - b[name]).abs().max())
+    logs = [np.loadtxt(p.with_suffix(".live") / "plots" / "metrics" / "loss.tsv", skiprows=1, usecols=-1)
+            for p in (one, two)]
+    assert np.allclose(logs[0], logs[1], rtol=1e-5)  # the logged loss is the global batch's
+
+
+def test_two_ranks_reach_one_process_accuracy_with_batchnorm(run, tmp_path):
+    """tiny_cnn has BatchNorm, whose statistics stay per rank on CPU: the same accuracy within noise."""
+    params = write_params(tmp_path / "params.yaml", **{"distill.student": "tiny_cnn", "distill.epochs": 4,
+                                                       "distill.optimizer.lr_milestones": [3]})
+    accs = []
+    for ranks in (1, 2):
+        out = distill(params, run, tmp_path / f"s{ranks}.pt", ranks)
+        accs.append(float(out.split("validation accuracy: ")[1].split(" %")[0]))
+    assert abs(accs[0] - accs[1]) <= 5.0, accs
