@@ -18,17 +18,6 @@ from stages.common import device_option, live_log, params_option, setup, stage
 @stage
 def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
     """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes)."""
-    from pipeline import distributed
-
-    params, device = setup(params_path, device)
-    device = distributed.init(device)  # under torchrun: DDP, one rank per process (each on its own GPU)
-    try:
-        _distill(params, device, teacher_path, cache_path, out, live_dir, baseline)
-    finally:
-        distributed.close()
-
-
-def _distill(params, device, teacher_path, cache_path, out, live_dir, baseline):
     from pipeline import KDError, distributed
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
@@ -36,33 +25,39 @@ def _distill(params, device, teacher_path, cache_path, out, live_dir, baseline):
     from pipeline.store import LogitStore
     from pipeline.train import PREFETCH, accuracy, distill as run_distill, online_targets, store_targets
 
-    cfg = params.distill
-    data = load_dataset(params.data)
-    teacher, _ = load_checkpoint(teacher_path)
-    augment, mean, std = params.augment, data.mean, data.std
-    replay_seed, num_views = params.cache.seed, params.cache.num_views
-    if cfg.teacher_source == "cache":
-        if cache_path is None:
-            raise KDError("distill.teacher_source is cache but no --cache store was given")
-        store = LogitStore(cache_path, max_memory_bytes=params.memory_mb << 20)
-        # The views this run replays must be the ones the store's logits belong to: refuse any difference.
-        store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
-                        augment=augment, mean=list(mean), std=list(std), seed=replay_seed, num_views=num_views,
-                        num_samples=len(data.train), num_classes=data.num_classes,
-                        chunk_samples=params.cache.chunk_samples)
-        targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
-    else:
-        targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
-    in_channels, image_size = data.image_shape[0], data.image_shape[-1]
-    student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
-                          seed=params.seed)
-    transform, eval_transform = input_transform(build_augment(augment), mean, std), input_transform(None, mean, std)
-    me = distributed.rank()
-    with live_log(live_dir if me == 0 else None) as log:
-        run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views, cfg,
-                    kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
-                    num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples, prefetch=prefetch,
-                    log=log)
+    params, device = setup(params_path, device)
+    device = distributed.init(device)  # under torchrun: DDP, one rank per process (each on its own GPU)
+    try:
+        cfg = params.distill
+        data = load_dataset(params.data)
+        teacher, _ = load_checkpoint(teacher_path)
+        augment, mean, std = params.augment, data.mean, data.std
+        replay_seed, num_views = params.cache.seed, params.cache.num_views
+        if cfg.teacher_source == "cache":
+            if cache_path is None:
+                raise KDError("distill.teacher_source is cache but no --cache store was given")
+            store = LogitStore(cache_path, max_memory_bytes=params.memory_mb << 20)
+            # The views this run replays must be the ones the store's logits belong to: refuse any difference.
+            store.check_run(teacher_fingerprint=weights_fingerprint(teacher),
+                            dataset_fingerprint=fingerprint(data.train), augment=augment, mean=list(mean),
+                            std=list(std), seed=replay_seed, num_views=num_views, num_samples=len(data.train),
+                            num_classes=data.num_classes, chunk_samples=params.cache.chunk_samples)
+            targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
+        else:
+            targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
+        in_channels, image_size = data.image_shape[0], data.image_shape[-1]
+        student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
+                              seed=params.seed)
+        transform = input_transform(build_augment(augment), mean, std)
+        eval_transform = input_transform(None, mean, std)
+        me = distributed.rank()
+        with live_log(live_dir if me == 0 else None) as log:
+            run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views,
+                        cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
+                        num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples,
+                        prefetch=prefetch, log=log)
+    finally:
+        distributed.close()
     if me != 0:  # rank 0 reports and writes
         return
     name = "Baseline" if baseline else "Student"
