@@ -179,7 +179,7 @@ class LogitStore:
         self._arrays = arrays
         chunk_bytes = nbytes / max(1, meta.num_chunks)
         self._chunks: OrderedDict[int, dict] = OrderedDict()  # decoded chunks, least recently used first
-        self._chunk_capacity = max(2, int(max_memory_bytes // max(1.0, chunk_bytes)))
+        self.chunk_capacity = max(2, int(max_memory_bytes // max(1.0, chunk_bytes)))  # decoded chunks kept
         if self.in_memory:
             self._arrays = {name: np.asarray(self._guarded(lambda a=a: a[:], f"all rows of {name}"))
                             for name, a in arrays.items()}
@@ -236,7 +236,7 @@ class LogitStore:
         where = f"chunk {k} (rows {first}..{stop - 1})"
         block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where)) for name, a in self._arrays.items()}
         self._chunks[k] = block
-        while len(self._chunks) > self._chunk_capacity:
+        while len(self._chunks) > self.chunk_capacity:
             self._chunks.popitem(last=False)
         return block
 

@@ -155,24 +155,40 @@ def prefetched(batches, targets: Targets | None, depth: int):
 
 def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta, chunks: list[int], batch_size: int,
                          device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield `(k, logits[rows of chunk k, V, C])` float32 for each chunk index in `chunks`.
+    """Yield `(k, logits[rows of chunk k, V, C])` float32 for each chunk index in `chunks`, in that order.
 
-    View v of sample i is `replay_view(images[i], transform, meta.seed, i, v)`.
+    View v of sample i is `replay_view(images[i], transform, meta.seed, i, v)`. One pass of the loader runs
+    over all the chunks' views (batches cross chunk boundaries, so the workers never drain between chunks);
+    a chunk is yielded as soon as its last view is in, so at most two chunks are held at a time.
     """
     dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed)
-    pairs = lambda k: [(i, v) for i in range(*meta.chunk_rows(k)) for v in range(meta.num_views)]  # noqa: E731
-    sampler = EpochSampler(lambda n: pairs(chunks[n]), len(images))
-    loader = make_loader(dataset, sampler, batch_size, num_workers, device)
-    total = sum(stop - first for first, stop in map(meta.chunk_rows, chunks)) * meta.num_views
+    views = meta.num_views
+
+    def pairs(_epoch):
+        for k in chunks:
+            for i in range(*meta.chunk_rows(k)):
+                for v in range(views):
+                    yield i, v
+
+    loader = make_loader(dataset, EpochSampler(pairs, len(images)), batch_size, num_workers, device)
+    total = sum(stop - first for first, stop in map(meta.chunk_rows, chunks)) * views
+    held: dict[int, list] = {}  # chunk -> [logits block, views filled]
+    ready = iter(chunks)
+    waiting = next(ready, None)
     with tqdm(total=total, desc="cache", unit="view", disable=distributed.rank() != 0) as bar:
-        for n, k in enumerate(chunks):
-            sampler.epoch = n
-            first, stop = meta.chunk_rows(k)
-            block = np.empty((stop - first, meta.num_views, meta.num_classes), dtype=np.float32)
-            for x, _, i, v in loader:
-                block[i.numpy() - first, v.numpy()] = teacher_forward(teacher, x, device, meta.amp).numpy()
-                bar.update(len(x))
-            yield k, block
+        for x, _, i, v in loader:
+            logits, i, v = teacher_forward(teacher, x, device, meta.amp).numpy(), i.numpy(), v.numpy()
+            of = i // meta.chunk_samples
+            for k in np.unique(of):
+                first, stop = meta.chunk_rows(int(k))
+                entry = held.setdefault(int(k), [np.empty((stop - first, views, meta.num_classes), np.float32), 0])
+                rows = of == k
+                entry[0][i[rows] - first, v[rows]] = logits[rows]
+                entry[1] += int(rows.sum())
+            bar.update(len(x))
+            while waiting is not None and waiting in held and held[waiting][1] == held[waiting][0].shape[0] * views:
+                yield waiting, held.pop(waiting)[0]
+                waiting = next(ready, None)
 
 
 def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,

@@ -43,6 +43,8 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
                             std=list(std), seed=replay_seed, num_views=num_views, num_samples=len(data.train),
                             num_classes=data.num_classes, chunk_samples=params.cache.chunk_samples)
             targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
+            if not store.in_memory and distributed.rank() == 0:
+                _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
         else:
             targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
         in_channels, image_size = data.image_shape[0], data.image_shape[-1]
@@ -64,3 +66,15 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
     save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)
+
+
+def _out_of_core_advice(store, shuffle_chunks: int, memory_mb: int) -> None:
+    """Say on stderr when a store larger than `memory_mb` will be read slowly, and what to change."""
+    if shuffle_chunks == 0:
+        click.echo(f"note: {store.path} is larger than memory_mb ({memory_mb}) and distill.shuffle_chunks is 0 "
+                   "(a full shuffle): every batch reads from most chunks, which is slow; set distill.shuffle_chunks "
+                   "(e.g. 4) to shuffle within windows of chunks (README, 'Stores larger than memory')", err=True)
+    elif store.chunk_capacity < shuffle_chunks + 1:
+        click.echo(f"note: memory_mb ({memory_mb}) holds {store.chunk_capacity} decoded chunks of {store.path}, fewer "
+                   f"than a window of distill.shuffle_chunks ({shuffle_chunks}) + 1: chunks will be decoded more than "
+                   "once per epoch; raise memory_mb or lower distill.shuffle_chunks", err=True)

@@ -13,3 +13,16 @@ def test_benchmark_smoke_run_writes_its_tables(tmp_path):
     text = out.read_text()
     for row in ("CE only, no teacher (floor)", "zarr store, in-memory", "hdf5 store, on-disk", "online teacher"):
         assert row in text
+
+
+def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
+    import json
+
+    out, results = tmp_path / "ooc.md", tmp_path / "results.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/distill_ooc.py"), "--quick", "--repeats", "1", "--append",
+                    str(out), "--json", str(results)], check=True, capture_output=True, cwd=ROOT)
+    assert "Distilling from a store larger than memory" in out.read_text()
+    keys = json.loads(results.read_text())
+    for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_peak_rss_mb",
+                "distill_memory_vs_oracle", "distill_oracle_vs_floor"):
+        assert key in keys

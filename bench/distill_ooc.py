@@ -1,0 +1,232 @@
+"""The distill stage from a store larger than memory, against the plain-CE floor, side by side in one run.
+
+Usage: python bench/distill_ooc.py [--repeats 3] [--append BENCHMARKS.md] [--json bench/results.json]
+
+Each variant trains one epoch of the real `pipeline.train.distill` loop (replay, DataLoader, read-ahead,
+`kd_loss`, Adam) in a fresh process (so its peak RSS is its own), on synthetic uint8 images and a real store of
+random float16 logits written once per run:
+  floor        kd_weight 0: the student alone (what the student costs)
+  oracle       the teacher's logits already one torch tensor in memory (`targets = lambda: logits[s, v]`)
+  memory       the zarr store loaded into memory (`LogitStore`'s default when it fits), read per batch
+  zarr / hdf5  the store read through its chunk cache with `memory_mb` = store size / 10, windowed shuffle
+               (`distill.shuffle_chunks`), read-ahead thread (`kd distill`'s setting for stores larger than memory)
+(A full shuffle of a store larger than memory decodes most chunks for every batch: far slower, so left out; the
+distill-step figures in BENCHMARKS.md time it.)
+Variants alternate within each repeat; the tables give medians and per-repeat ratio medians. Students: tiny_cnn
+on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.json:
+  distill_ooc_vs_floor_<fmt>[_resnet20], distill_ooc_vs_oracle_<fmt>[_resnet20], distill_oracle_vs_floor[_resnet20],
+  distill_memory_vs_oracle[_resnet20],
+  distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
+  distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+SETUPS = {  # name: (student, (C, H, W), classes, samples, views, batch)
+    "tiny": ("tiny_cnn", (1, 8, 8), 100, 100_000, 8, 64),
+    "resnet20": ("resnet20", (3, 32, 32), 10, 6_000, 8, 64),
+}
+QUICK = {"tiny": ("tiny_cnn", (1, 8, 8), 100, 3_000, 2, 64)}  # --quick: a smoke run, numbers meaningless
+CHUNK = 1024
+WINDOW_CHUNKS = 4
+VARIANTS = ("floor", "oracle", "memory", "zarr", "hdf5")
+
+
+def write_stores(root: Path, classes: int, samples: int, views: int) -> dict[str, Path]:
+    from pipeline.store import StoreMeta
+    from pipeline.writer import write_store
+
+    meta = StoreMeta(num_samples=samples, num_views=views, num_classes=classes, augment=[], mean=[0.0], std=[1.0],
+                     seed=0, dtype="float16", storage="full", top_k=0, chunk_samples=CHUNK, amp="off",
+                     teacher_arch="bench", teacher_fingerprint="bench", dataset_fingerprint="bench")
+    labels = np.random.default_rng(0).integers(classes, size=samples)
+    paths = {"zarr": root / "logits.zarr", "hdf5": root / "logits.h5"}
+    for fmt, path in paths.items():
+        rng = np.random.default_rng(1)
+
+        def blocks():
+            for k in range(meta.num_chunks):
+                first, stop = meta.chunk_rows(k)
+                yield k, rng.normal(0, 3, (stop - first, views, classes)).astype(np.float32)
+
+        write_store(path, fmt, meta, labels, blocks())
+    return paths
+
+
+def one(variant: str, setup: str, samples: int, root: Path) -> dict:
+    """Train one epoch of `variant` in this process; return seconds, samples/s and peak RSS (MB)."""
+    import torch
+
+    from pipeline.data import Split, input_transform
+    from pipeline.models import build_model
+    from pipeline.params import DistillParams, OptimParams
+    from pipeline.store import LogitStore
+    from pipeline.train import PREFETCH, distill, store_targets
+
+    torch.set_num_threads(1)
+    student_arch, shape, classes, _, views, batch = SETUPS[setup]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (samples, *shape), dtype=torch.uint8, generator=g)
+    train = Split(images, torch.randint(0, classes, (samples,), generator=g))
+    val = Split(images[:64], train.labels[:64])
+    store_bytes = samples * views * classes * 2
+    budget = store_bytes // 10
+    targets, prefetch, window, kd = None, 0, WINDOW_CHUNKS, 1.0
+    if variant == "floor":
+        kd = 0.0
+    elif variant == "oracle":
+        logits = torch.from_numpy(LogitStore(root / "logits.zarr").read(np.repeat(np.arange(samples), views),
+                                                                          np.tile(np.arange(views), samples)))
+        logits = logits.reshape(samples, views, classes)
+        targets = lambda x, s, v: logits[s, v]  # noqa: E731
+    elif variant == "memory":
+        store = LogitStore(root / "logits.zarr")
+        assert store.in_memory
+        targets = store_targets(store)
+    else:
+        path = root / ("logits.h5" if variant == "hdf5" else "logits.zarr")
+        store = LogitStore(path, max_memory_bytes=budget)
+        assert not store.in_memory
+        targets, prefetch = store_targets(store), PREFETCH
+    optim = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=1e-4,
+                        schedule="step", lr_milestones=[], lr_factors=[])
+    cfg = DistillParams(student=student_arch, student_options={}, teacher_source="cache", temperature=4.0,
+                        kd_weight=kd, ce_weight=1.0, view_schedule="random", shuffle_chunks=window, epochs=1,
+                        batch_size=batch, optimizer=optim)
+    student = build_model(student_arch, shape[0], classes, image_size=shape[-1], seed=0)
+    transform = input_transform(None, (0.5,) * shape[0], (0.25,) * shape[0])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    distill(student, train, val, targets, transform, transform, 0, views, cfg, kd_weight=kd, seed=0,
+            device=torch.device("cpu"), chunk_samples=CHUNK, prefetch=prefetch)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "per_s": samples / seconds, "budget_mb": budget / 2**20,
+            "store_mb": store_bytes / 2**20, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": rss_before}
+
+
+def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    quick = ["--quick"] if SETUPS.get("tiny") == QUICK["tiny"] else []
+    out = subprocess.run([sys.executable, __file__, "--one", variant, "--setup", setup, "--samples", str(samples),
+                          "--root", str(root), *quick], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
+    _, _, classes, samples, views, _ = SETUPS[setup]
+    root = tmp / setup
+    root.mkdir()
+    write_stores(root, classes, samples, views)
+    runs = {v: [] for v in VARIANTS}
+    for r in range(repeats):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        for variant in order:
+            runs[variant].append(run_one(variant, setup, samples, root))
+            click.echo(f"  {setup} repeat {r + 1} {variant}: {runs[variant][-1]['per_s']:.0f} samples/s", err=True)
+    suffix = "" if setup == "tiny" else f"_{setup}"
+    ratio = lambda a, b: statistics.median(x["per_s"] / y["per_s"] for x, y in zip(runs[a], runs[b]))  # noqa: E731
+    results = {f"distill_oracle_vs_floor{suffix}": ratio("oracle", "floor")}
+    results[f"distill_memory_vs_oracle{suffix}"] = ratio("memory", "oracle")
+    for fmt in ("zarr", "hdf5"):
+        results[f"distill_ooc_vs_floor_{fmt}{suffix}"] = ratio(fmt, "floor")
+        results[f"distill_ooc_vs_oracle_{fmt}{suffix}"] = ratio(fmt, "oracle")
+    floor_rss = statistics.median(x["rss_mb"] for x in runs["floor"])
+    results[f"distill_ooc_peak_rss_mb{suffix}"] = max(x["rss_mb"] for v in ("zarr", "hdf5") for x in runs[v]) - floor_rss
+    results[f"distill_ooc_budget_mb{suffix}"] = runs["zarr"][0]["budget_mb"]
+    results[f"distill_floor_rss_mb{suffix}"] = floor_rss
+    return results, runs
+
+
+def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
+    """Time per sample of one zarr out-of-core epoch (tiny student, 10 classes, 1 view) as the data grows."""
+    global SETUPS
+    out = {}
+    for n in sizes:
+        root = tmp / f"scale-{n}"
+        root.mkdir()
+        SETUPS = {**SETUPS, "scale": ("tiny_cnn", (1, 8, 8), 10, n, 1, 64)}
+        write_stores(root, 10, n, 1)
+        (root / "logits.h5").unlink()
+        r = run_one("zarr", "scale", n, root)
+        out[f"distill_ooc_us_per_sample_{n}samples"] = 1e6 / r["per_s"]
+        click.echo(f"  scaling {n}: {1e6 / r['per_s']:.1f} us/sample", err=True)
+    return out
+
+
+@click.command()
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--append", "out", default=None, help="Append the markdown section to this file.")
+@click.option("--json", "json_path", default="bench/results.json", show_default=True)
+@click.option("--setups", default="tiny,resnet20", show_default=True)
+@click.option("--scaling/--no-scaling", "scaling_run", default=True, show_default=True)
+@click.option("--quick", is_flag=True, help="Smoke run: a small tiny-student setup, no scaling run.")
+@click.option("--one", "variant", default=None, hidden=True)
+@click.option("--setup", default=None, hidden=True)
+@click.option("--samples", default=0, hidden=True)
+@click.option("--root", default=None, hidden=True)
+def main(repeats, out, json_path, setups, scaling_run, quick, variant, setup, samples, root):
+    if quick:
+        SETUPS.update(QUICK)
+        setups, scaling_run = "tiny", False
+    if variant:
+        if setup == "scale":
+            SETUPS["scale"] = ("tiny_cnn", (1, 8, 8), 10, samples, 1, 64)
+        print(json.dumps(one(variant, setup, samples, Path(root))))
+        return
+    results, tables = {}, {}
+    with tempfile.TemporaryDirectory(prefix="kd-ooc-") as tmp:
+        for name in setups.split(","):
+            r, runs = measure(name, repeats, Path(tmp))
+            results.update(r)
+            tables[name] = runs
+        if scaling_run:
+            results.update(scaling(Path(tmp)))
+    lines = ["", "## Distilling from a store larger than memory", "",
+             f"`python bench/distill_ooc.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{os.cpu_count()} cores, one torch thread per process): one epoch of the real `distill` loop per "
+             f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in chunks of "
+             f"{CHUNK} samples, memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
+             "read-ahead thread. Peak RSS is the process's maximum resident size.", "",
+             "| student | samples x views x classes | store MB | budget MB | variant | samples/s | x floor | "
+             "x oracle | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, runs in tables.items():
+        student, _, classes, n, views, _ = SETUPS[name]
+        for variant in VARIANTS:
+            rs = runs[variant]
+            per_s = statistics.median(x["per_s"] for x in rs)
+            vs = lambda b: statistics.median(x["per_s"] / y["per_s"] for x, y in zip(rs, runs[b]))  # noqa: E731
+            lines.append(f"| {student} | {n:,} x {views} x {classes} | {rs[0]['store_mb']:.0f} | "
+                         f"{rs[0]['budget_mb']:.1f} | {variant} | {per_s:,.0f} | {vs('floor'):.2f} | "
+                         f"{vs('oracle'):.2f} | {max(x['rss_mb'] for x in rs):.0f} |")
+    scale = {k: v for k, v in results.items() if k.startswith("distill_ooc_us_per_sample_")}
+    if scale:
+        lines += ["", "Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows: " +
+                  ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
+    print("\n".join(lines))
+    if out:
+        with open(out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    if json_path:
+        path = Path(json_path)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update({k: round(v, 4) for k, v in results.items()})
+        path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
