@@ -100,8 +100,8 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
 
 
 DEVICE_PAIRS = {  # name: (teacher, samples); 3x32x32 inputs with crop + flip, as CIFAR training
-    "cifar_resnet20": ("resnet20", 16384),
-    "cifar_resnet56": ("resnet56", 16384),
+    "cifar_resnet20": ("resnet20", 65536),
+    "cifar_resnet56": ("resnet56", 65536),
 }
 
 
@@ -157,6 +157,7 @@ def device_section(results: dict, repeats: int, workers: int, device: torch.devi
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     lines = ["", f"## The cache stage on a GPU ({name})", "",
              f"`python bench/cache_throughput.py --device {device} --workers {workers} --repeats {repeats}` "
+             f"({', '.join(f'{n}: {DEVICE_PAIRS[n][1]} samples' for n in DEVICE_PAIRS)}) "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPU cores, torch "
              f"{torch.__version__}): views per second, medians of {repeats} alternated repeats, {VIEWS} views per "
              f"sample, 3x32x32 synthetic uint8 images with crop + flip replayed in {workers} DataLoader workers, "
@@ -195,15 +196,20 @@ def scaling(root: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--device", "device_name", default="cpu", show_default=True,
               help="cpu: the bounds table; cuda: the GPU table (teacher forward vs cache stage, amp off/float16/bfloat16).")
 @click.option("--workers", default=8, show_default=True, help="DataLoader workers for the GPU table.")
-def main(repeats, out, json_path, scaling_run, device_name, workers):
+@click.option("--amps", default="off,float16,bfloat16", show_default=True, help="GPU table: precisions to time.")
+@click.option("--pairs", "pair_names", default=",".join(DEVICE_PAIRS), show_default=True, help="GPU table: pairs.")
+@click.option("--samples", default=0, help="GPU table: samples per pair (0: the pair's default).")
+def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_names, samples):
     os.environ.setdefault("TQDM_DISABLE", "1")
     results = {}
     if device_name != "cpu":
         from pipeline.models import resolve_device
         device = resolve_device(device_name)
         with tempfile.TemporaryDirectory() as tmp:
-            for name in DEVICE_PAIRS:
-                for amp in ("off", "float16", "bfloat16") if device.type == "cuda" else ("off",):
+            for name in pair_names.split(","):
+                if samples:
+                    DEVICE_PAIRS[name] = (DEVICE_PAIRS[name][0], samples)
+                for amp in amps.split(",") if device.type == "cuda" else ("off",):
                     results.update(measure_device(name, repeats, Path(tmp), device, amp, workers))
                     print({k: round(v, 3) for k, v in results.items() if name in k and amp in k}, flush=True)
         return _write(device_section(results, repeats, workers, device), results, out, json_path)

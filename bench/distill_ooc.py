@@ -40,8 +40,15 @@ SETUPS = {  # name: (student, (C, H, W), classes, samples, views, batch)
     "resnet20": ("resnet20", (3, 32, 32), 10, 6_000, 8, 64),
 }
 QUICK = {"tiny": ("tiny_cnn", (1, 8, 8), 100, 3_000, 2, 64)}  # --quick: a smoke run, numbers meaningless
-CHUNK = 1024
+GPU_SETUPS = {"resnet20": ("resnet20", (3, 32, 32), 10, 50_000, 8, 256)}  # --device cuda
 WINDOW_CHUNKS = 4
+DEVICE = "cpu"
+
+
+def chunk_for(samples: int) -> int:
+    """Store chunk rows for a setup: a power of two giving about 64-128 chunks (at least 64 rows), so a budget
+    of a tenth of the store holds more decoded chunks than a window needs."""
+    return 1 << max(6, (samples // 96).bit_length() - 1)
 VARIANTS = ("floor", "oracle", "memory", "zarr", "hdf5")
 
 
@@ -50,7 +57,7 @@ def write_stores(root: Path, classes: int, samples: int, views: int) -> dict[str
     from pipeline.writer import write_store
 
     meta = StoreMeta(num_samples=samples, num_views=views, num_classes=classes, augment=[], mean=[0.0], std=[1.0],
-                     seed=0, dtype="float16", storage="full", top_k=0, chunk_samples=CHUNK, amp="off",
+                     seed=0, dtype="float16", storage="full", top_k=0, chunk_samples=chunk_for(samples), amp="off",
                      teacher_arch="bench", teacher_fingerprint="bench", dataset_fingerprint="bench")
     labels = np.random.default_rng(0).integers(classes, size=samples)
     paths = {"zarr": root / "logits.zarr", "hdf5": root / "logits.h5"}
@@ -108,10 +115,13 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
                         batch_size=batch, optimizer=optim)
     student = build_model(student_arch, shape[0], classes, image_size=shape[-1], seed=0)
     transform = input_transform(None, (0.5,) * shape[0], (0.25,) * shape[0])
+    device = torch.device(DEVICE)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     distill(student, train, val, targets, transform, transform, 0, views, cfg, kd_weight=kd, seed=0,
-            device=torch.device("cpu"), chunk_samples=CHUNK, prefetch=prefetch)
+            device=device, chunk_samples=chunk_for(samples), prefetch=prefetch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "per_s": samples / seconds, "budget_mb": budget / 2**20,
             "store_mb": store_bytes / 2**20, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -120,8 +130,10 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
 
 def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH")]))}
     quick = ["--quick"] if SETUPS.get("tiny") == QUICK["tiny"] else []
+    quick += ["--device", DEVICE]
     out = subprocess.run([sys.executable, __file__, "--one", variant, "--setup", setup, "--samples", str(samples),
                           "--root", str(root), *quick], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,7 +150,7 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
         for variant in order:
             runs[variant].append(run_one(variant, setup, samples, root))
             click.echo(f"  {setup} repeat {r + 1} {variant}: {runs[variant][-1]['per_s']:.0f} samples/s", err=True)
-    suffix = "" if setup == "tiny" else f"_{setup}"
+    suffix = ("" if setup == "tiny" else f"_{setup}") + ("" if DEVICE == "cpu" else "_gpu")
     ratio = lambda a, b: statistics.median(x["per_s"] / y["per_s"] for x, y in zip(runs[a], runs[b]))  # noqa: E731
     results = {f"distill_oracle_vs_floor{suffix}": ratio("oracle", "floor")}
     results[f"distill_memory_vs_oracle{suffix}"] = ratio("memory", "oracle")
@@ -174,12 +186,19 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--json", "json_path", default="bench/results.json", show_default=True)
 @click.option("--setups", default="tiny,resnet20", show_default=True)
 @click.option("--scaling/--no-scaling", "scaling_run", default=True, show_default=True)
+@click.option("--device", "device_name", default="cpu", show_default=True,
+              help="cpu, or cuda: the GPU setup (resnet20 student, 50k samples, batch 256).")
 @click.option("--quick", is_flag=True, help="Smoke run: a small tiny-student setup, no scaling run.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, out, json_path, setups, scaling_run, quick, variant, setup, samples, root):
+def main(repeats, out, json_path, setups, scaling_run, device_name, quick, variant, setup, samples, root):
+    global DEVICE, SETUPS
+    DEVICE = device_name
+    if device_name != "cpu":
+        SETUPS = {**SETUPS, **GPU_SETUPS}
+        setups, scaling_run = ",".join(GPU_SETUPS), False
     if quick:
         SETUPS.update(QUICK)
         setups, scaling_run = "tiny", False
@@ -198,9 +217,9 @@ def main(repeats, out, json_path, setups, scaling_run, quick, variant, setup, sa
             results.update(scaling(Path(tmp)))
     lines = ["", "## Distilling from a store larger than memory", "",
              f"`python bench/distill_ooc.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{os.cpu_count()} cores, one torch thread per process): one epoch of the real `distill` loop per "
-             f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in chunks of "
-             f"{CHUNK} samples, memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
+             f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}): one epoch of the real `distill` loop per "
+             f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
+             f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
              "read-ahead thread. Peak RSS is the process's maximum resident size.", "",
              "| student | samples x views x classes | store MB | budget MB | variant | samples/s | x floor | "
              "x oracle | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]

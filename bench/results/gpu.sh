@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The GPU figures of BENCHMARKS.md (run on a machine with CUDA and this repository's Python packages; the lent
+# The GPU figures of BENCHMARKS-GPU.md (run on a machine with CUDA and this repository's Python packages; the lent
 # device had torch but not zarr, so zarr and its needs came as wheels in .whl/). Writes into ${OUT:-gpu-out}/.
+# With gpu-old/pipeline present (an earlier commit's pipeline/), the cache stage is timed with it too, side by side.
 set -euo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+SITE=${PYTHONPATH:-}
+export PYTHONPATH=${SITE:+$SITE:}$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__, torch.cuda.get_device_name())"
-python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 --append "$OUT/gpu_cache.md" --json "$OUT/gpu.json"
-python3 bench/throughput.py --device cuda --repeats 3 --window 1.0 --budget 20 --out "$OUT/gpu_distill.md"
+python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 --amps off,float16 \
+    --append "$OUT/gpu_cache.md" --json "$OUT/gpu.json"
+if [ -d gpu-old/pipeline ]; then
+  PYTHONPATH=${SITE:+$SITE:}$PWD/gpu-old python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 \
+      --amps float16 --append "$OUT/gpu_cache_old.md" --json "$OUT/gpu_old.json"
+fi
+python3 bench/distill_ooc.py --device cuda --repeats 2 --append "$OUT/gpu_ooc.md" --json "$OUT/gpu.json"
