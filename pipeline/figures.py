@@ -98,9 +98,9 @@ def plot_per_class(per_class: dict[str, np.ndarray], classes: list[str], path: s
     ax.set_ylim(max(0.0, 100 * lowest - 5), 100.5)
     if n <= 40:
         ax.set_xticks(x, classes, rotation=90 if max(map(len, classes)) > 3 else 0)
-    ax.set(xlabel="class", ylabel="test accuracy (%)", title="Per-class test accuracy")
+    ax.set(xlabel="class", ylabel="test accuracy (%)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=k, frameon=False)  # above: never over a bar
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -123,6 +123,6 @@ def plot_reliability(bins: dict[str, tuple], eces: dict[str, float], path: str |
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max softmax probability)", ylabel="accuracy",
                title=f"{label}: ECE {100 * eces[label]:.2f} %")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the shared legend below the panels
     save_figure(fig, path)

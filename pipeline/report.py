@@ -113,6 +113,7 @@ def write_text(path: str | Path, text: str) -> None:
 class Table:
     header: list[str]
     rows: list[list[str]]
+    numeric: bool = True  # HTML: right-align the cells that hold numbers
 
 
 @dataclass
@@ -143,8 +144,10 @@ def gap_text(metrics: dict) -> str:
     if gap is None:
         return (f"Gap closed: not defined, the teacher ({percent(t)}) is not better than the student alone "
                 f"({percent(b)}), so there is no gap for distillation to close.")
-    return (f"Distillation closed **{percent(gap, 1)}** of the teacher-student gap: (student − baseline) / "
-            f"(teacher − baseline) = {100 * metrics['kd_gain']:+.2f} / {100 * (t - b):.2f} points.")
+    reading = (" (negative: the distilled student is below the student alone)" if gap < 0
+               else " (above 100 %: the distilled student beats the teacher)" if gap > 1 else "")
+    return (f"Distillation closed **{percent(gap, 1)}** of the teacher-student gap{reading}: (student − baseline)"
+            f" / (teacher − baseline) = {100 * metrics['kd_gain']:+.2f} / {100 * (t - b):.2f} points.")
 
 
 def summary_section(metrics: dict) -> Section:
@@ -241,13 +244,12 @@ def cache_section(cache: dict | None) -> Section:
     if cache is None:
         return Section("Logit cache", ["No logit store was given (`kd evaluate --cache PATH`)."])
     storage = f"top-{cache['top_k']} logits + tail" if cache["storage"] == "topk" else "full logits"
-    rows = [["path", f"`{cache['path']}` ({cache['format']})"],
-            ["samples x views x classes", f"{cache['samples']:,} x {cache['views']} x {cache['classes']}"],
-            ["views per sample", str(cache["views"])], ["dtype", cache["dtype"]],
+    rows = [["path", f"`{cache['path']}` ({cache['format']})"], ["training samples", f"{cache['samples']:,}"],
+            ["views per sample", str(cache["views"])], ["classes", str(cache["classes"])], ["dtype", cache["dtype"]],
             ["storage", f"{cache['storage']} ({storage})"], ["size on disk", f"{cache['bytes'] / 2**20:.2f} MiB"],
             ["teacher", f"`{cache['teacher_arch']}`"], ["teacher fingerprint", f"`{cache['teacher_fingerprint']}`"],
             ["dataset fingerprint", f"`{cache['dataset_fingerprint']}`"]]
-    return Section("Logit cache", [Table(["fact", "value"], rows)])
+    return Section("Logit cache", [Table(["fact", "value"], rows, numeric=False)])
 
 
 def settings_section(settings: dict) -> Section:
@@ -334,7 +336,7 @@ def to_html(sections: list[Section], title: str) -> str:
             if isinstance(block, Table):
                 out.append("<table><thead><tr>" + "".join(f"<th>{inline_html(h)}</th>" for h in block.header)
                            + "</tr></thead><tbody>")
-                out += ["<tr>" + "".join(f'<td class="num">{inline_html(c)}</td>' if NUMBER.match(c)
+                out += ["<tr>" + "".join(f'<td class="num">{inline_html(c)}</td>' if block.numeric and NUMBER.match(c)
                                          else f"<td>{inline_html(c)}</td>" for c in row) + "</tr>"
                         for row in block.rows]
                 out.append("</tbody></table>")
