@@ -14,7 +14,8 @@ Modules, one job each:
   train    the training and evaluation loops
   metrics  test-split measures: predictions, confusion, agreement, calibration (ECE), parameters, inference time
   figures  the report's figures (training curves, confusion matrix, per-class accuracy, reliability diagram)
-  report   the report's inputs and sections, rendered as markdown and as one self-contained HTML page
+  report   the report's inputs (logs, search results, store facts) and its sections
+  render   sections as markdown and as one self-contained HTML page
 """
 
 

@@ -102,6 +102,27 @@ def gap_closed(teacher: float, student: float, baseline: float) -> float | None:
     return (student - baseline) / (teacher - baseline)
 
 
+def test_metrics(logits: dict[str, np.ndarray], labels: np.ndarray, num_classes: int, threshold: float) -> dict:
+    """metrics.json's measures of the test split from each model's logits (`teacher`, `student`, `baseline` ->
+    (N, C)): accuracies, errors, `kd_gain` (student - baseline), the verdict (student >= threshold), `gap_closed`,
+    ECE per model, the students' top-1 agreement with the teacher, per-class accuracies (lists in class order,
+    None for a class without test samples)."""
+    acc = {name: accuracy(values, labels) for name, values in logits.items()}
+    metrics = {"teacher_acc": acc["teacher"], "student_acc": acc["student"], "baseline_acc": acc["baseline"],
+               "kd_gain": acc["student"] - acc["baseline"], "threshold": threshold,
+               "above_threshold": acc["student"] >= threshold, "test_samples": len(labels)}
+    metrics.update({f"{name}_errors": int(np.sum(values.argmax(1) != labels)) for name, values in logits.items()})
+    metrics["gap_closed"] = gap_closed(acc["teacher"], acc["student"], acc["baseline"])
+    metrics.update({f"{name}_ece": expected_calibration_error(values, labels) for name, values in logits.items()})
+    metrics["ece_bins"] = NUM_BINS
+    metrics.update({f"{name}_teacher_agreement": agreement(logits[name], logits["teacher"])
+                    for name in ("student", "baseline")})
+    for name, values in logits.items():
+        per_class = per_class_accuracy(confusion_matrix(labels, values.argmax(1), num_classes))
+        metrics[f"{name}_per_class_acc"] = [None if np.isnan(a) else float(a) for a in per_class]
+    return metrics
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of weights (every parameter tensor's elements; buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in model.parameters())

@@ -41,41 +41,29 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, tea
 
     from pipeline import figures as fig
     from pipeline import metrics as m
+    from pipeline import render
+    from pipeline import report as r
     from pipeline.data import input_transform, load_dataset
     from pipeline.models import load_checkpoint
-    from pipeline import report as r
 
     params, device = setup(params_path, device)
     data = load_dataset(params.data)
     test, transform = data.test, input_transform(None, data.mean, data.std)
     labels, classes = test.labels.numpy(), data.classes
     timing_inputs = torch.stack([transform(test.images[i]) for i in range(min(TIMING["batch_size"], len(test)))])
-    metrics, logits = {}, {}
+    logits, facts = {}, {}
     for name, path in (("teacher", teacher_path), ("student", student_path), ("baseline", baseline_path)):
         model, ckpt = load_checkpoint(path)
         model.to(device)
         logits[name] = m.predict(model, test, transform, device, params.num_workers)  # the one pass per model
-        metrics[f"{name}_arch"] = ckpt["arch"]
-        metrics[f"{name}_params"] = m.count_parameters(model)
-        metrics[f"{name}_ms_per_image"] = m.inference_ms(model, timing_inputs, device, TIMING["warmup"],
-                                                         TIMING["repeats"])
-    acc = {name: m.accuracy(values, labels) for name, values in logits.items()}
-    confusion = {name: m.confusion_matrix(labels, values.argmax(1), data.num_classes) for name, values in logits.items()}
-    bins = {name: m.calibration_bins(values, labels) for name, values in logits.items()}
-    threshold = params.evaluate.threshold
-    metrics = {"teacher_acc": acc["teacher"], "student_acc": acc["student"], "baseline_acc": acc["baseline"],
-               "kd_gain": acc["student"] - acc["baseline"], "threshold": threshold,
-               "above_threshold": acc["student"] >= threshold, "test_samples": len(test),
-               **{f"{name}_errors": round((1 - a) * len(test)) for name, a in acc.items()},
-               "gap_closed": m.gap_closed(acc["teacher"], acc["student"], acc["baseline"]), **metrics,
-               **{f"{name}_ece": m.expected_calibration_error(values, labels) for name, values in logits.items()},
-               "ece_bins": m.NUM_BINS,
-               **{f"{name}_teacher_agreement": m.agreement(logits[name], logits["teacher"])
-                  for name in ("student", "baseline")},
-               **{f"{name}_per_class_acc": [None if a != a else float(a) for a in m.per_class_accuracy(c)]
-                  for name, c in confusion.items()},
+        facts.update({f"{name}_arch": ckpt["arch"], f"{name}_params": m.count_parameters(model),
+                      f"{name}_ms_per_image": m.inference_ms(model, timing_inputs, device, TIMING["warmup"],
+                                                             TIMING["repeats"])})
+    metrics = {**m.test_metrics(logits, labels, data.num_classes, params.evaluate.threshold), **facts,
                "timing": {**TIMING, "batch_size": len(timing_inputs), "device": describe(device)},
                "search": r.read_search(search_csv), "cache": r.cache_facts(cache_path) if cache_path else None}
+    confusion = {name: m.confusion_matrix(labels, values.argmax(1), data.num_classes) for name, values in logits.items()}
+    bins = {name: m.calibration_bins(values, labels) for name, values in logits.items()}
 
     out = Path(figures_dir)
     teacher_history = r.read_history(teacher_live, required=False)
@@ -100,13 +88,13 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, tea
                 "epochs": d.epochs, "augment": params.augment, "teacher source": d.teacher_source}
     sections = r.report_sections(metrics, settings, classes, confusion["student"], figures, list(teacher_history),
                                  search_csv)
-    r.write_text(report_path, r.to_markdown(sections, "Distillation report", Path(report_path).parent))
-    r.write_text(html_path, r.to_html(sections, "Distillation report"))
+    r.write_text(report_path, render.to_markdown(sections, "Distillation report", Path(report_path).parent))
+    r.write_text(html_path, render.to_html(sections, "Distillation report"))
     r.write_text(confusion_path, r.confusion_csv(labels, logits["student"].argmax(1), classes))
     r.write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
-    click.echo(f"Teacher test accuracy: {100 * acc['teacher']:.2f} %")
-    click.echo(f"Baseline (student alone) test accuracy: {100 * acc['baseline']:.2f} %")
-    click.echo(f"Student model test accuracy: {100 * acc['student']:.2f} %")
+    click.echo(f"Teacher test accuracy: {100 * metrics['teacher_acc']:.2f} %")
+    click.echo(f"Baseline (student alone) test accuracy: {100 * metrics['baseline_acc']:.2f} %")
+    click.echo(f"Student model test accuracy: {100 * metrics['student_acc']:.2f} %")
     click.echo(f"Is above threshold performance? {metrics['above_threshold']}")
 
 

@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from pipeline import KDError
