@@ -12,7 +12,10 @@ Modules, one job each:
   distributed  torchrun's process group: rank, world size, broadcast, gather
   loss     the distillation loss
   train    the training and evaluation loops
-  report   figures and the markdown report
+  metrics  test-split measures: predictions, confusion, agreement, calibration (ECE), parameters, inference time
+  figures  the report's figures (training curves, confusion matrix, per-class accuracy, reliability diagram)
+  report   the report's inputs (logs, search results, store facts) and its sections
+  render   sections as markdown and as one self-contained HTML page
 """
 
 
