@@ -17,7 +17,8 @@ on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.jso
   distill_ooc_vs_floor_<fmt>[_resnet20], distill_ooc_vs_oracle_<fmt>[_resnet20], distill_oracle_vs_floor[_resnet20],
   distill_memory_vs_oracle[_resnet20],
   distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
-  distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows).
+  distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows); with --workers N the keys end
+  in _wN (_gpu before it on a GPU).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ QUICK = {"tiny": ("tiny_cnn", (1, 8, 8), 100, 3_000, 2, 64)}  # --quick: a smoke
 GPU_SETUPS = {"resnet20": ("resnet20", (3, 32, 32), 10, 50_000, 8, 256)}  # --device cuda
 WINDOW_CHUNKS = 4
 DEVICE = "cpu"
+WORKERS = 0  # DataLoader workers of every variant (--workers)
 
 
 def chunk_for(samples: int) -> int:
@@ -119,13 +121,22 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     distill(student, train, val, targets, transform, transform, 0, views, cfg, kd_weight=kd, seed=0,
-            device=device, chunk_samples=chunk_for(samples), prefetch=prefetch)
+            device=device, chunk_samples=chunk_for(samples), prefetch=prefetch, num_workers=WORKERS)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "per_s": samples / seconds, "budget_mb": budget / 2**20,
-            "store_mb": store_bytes / 2**20, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "store_mb": store_bytes / 2**20, "rss_mb": peak_rss_mb(),
             "rss_before_mb": rss_before}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident MB of this process plus that of its largest finished child (a DataLoader worker, whose
+    pages are partly shared with this process: an upper bound)."""
+    import gc
+
+    gc.collect()  # let the loader (and its workers) go
+    return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
 
 
 def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
@@ -133,7 +144,7 @@ def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH")]))}
     quick = ["--quick"] if SETUPS.get("tiny") == QUICK["tiny"] else []
-    quick += ["--device", DEVICE]
+    quick += ["--device", DEVICE, "--workers", str(WORKERS)]
     out = subprocess.run([sys.executable, __file__, "--one", variant, "--setup", setup, "--samples", str(samples),
                           "--root", str(root), *quick], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,7 +161,8 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
         for variant in order:
             runs[variant].append(run_one(variant, setup, samples, root))
             click.echo(f"  {setup} repeat {r + 1} {variant}: {runs[variant][-1]['per_s']:.0f} samples/s", err=True)
-    suffix = ("" if setup == "tiny" else f"_{setup}") + ("" if DEVICE == "cpu" else "_gpu")
+    suffix = (("" if setup == "tiny" else f"_{setup}") + ("" if DEVICE == "cpu" else "_gpu")
+              + (f"_w{WORKERS}" if WORKERS else ""))
     ratio = lambda a, b: statistics.median(x["per_s"] / y["per_s"] for x, y in zip(runs[a], runs[b]))  # noqa: E731
     results = {f"distill_oracle_vs_floor{suffix}": ratio("oracle", "floor")}
     results[f"distill_memory_vs_oracle{suffix}"] = ratio("memory", "oracle")
@@ -188,14 +200,16 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--scaling/--no-scaling", "scaling_run", default=True, show_default=True)
 @click.option("--device", "device_name", default="cpu", show_default=True,
               help="cpu, or cuda: the GPU setup (resnet20 student, 50k samples, batch 256).")
+@click.option("--workers", default=0, show_default=True,
+              help="DataLoader workers in every variant (with >= 1, a store larger than memory is read in them).")
 @click.option("--quick", is_flag=True, help="Smoke run: a small tiny-student setup, no scaling run.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, out, json_path, setups, scaling_run, device_name, quick, variant, setup, samples, root):
-    global DEVICE, SETUPS
-    DEVICE = device_name
+def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, variant, setup, samples, root):
+    global DEVICE, SETUPS, WORKERS
+    DEVICE, WORKERS = device_name, workers
     if device_name != "cpu":
         SETUPS = {**SETUPS, **GPU_SETUPS}
         setups, scaling_run = ",".join(GPU_SETUPS), False
@@ -216,11 +230,11 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, quick, varia
         if scaling_run:
             results.update(scaling(Path(tmp)))
     lines = ["", "## Distilling from a store larger than memory", "",
-             f"`python bench/distill_ooc.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}): one epoch of the real `distill` loop per "
+             f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
-             "read-ahead thread. Peak RSS is the process's maximum resident size.", "",
+             "read ahead in a thread (0 workers) or in the workers. Peak RSS: the process's maximum resident size plus its largest worker's.", "",
              "| student | samples x views x classes | store MB | budget MB | variant | samples/s | x floor | "
              "x oracle | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in tables.items():

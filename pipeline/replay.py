@@ -85,8 +85,9 @@ class ReplayDataset(torch.utils.data.Dataset):
     Pass a sampler that yields pairs (e.g. `epoch_pairs`); works the same in DataLoader workers.
     """
 
-    def __init__(self, images, labels: torch.Tensor, transform, seed: int):
+    def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self.targets = targets  # optional: an object with read(samples, views) -> (B, C) teacher logits
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,6 +96,16 @@ class ReplayDataset(torch.utils.data.Dataset):
         index, view = int(pair[0]), int(pair[1])
         x = replay_view(self.images[index], self.transform, self.seed, index, view)
         return x, self.labels[index], index, view
+
+    def __getitems__(self, pairs):
+        """A batch's items; with `targets`, each also carries its teacher logits, read for the batch at once
+        (so in DataLoader workers the store's reads run beside the training step)."""
+        items = [self[pair] for pair in pairs]
+        if self.targets is None:
+            return items
+        logits = torch.from_numpy(self.targets.read(np.array([p[0] for p in pairs], dtype=np.int64),
+                                                    np.array([p[1] for p in pairs], dtype=np.int64)))
+        return [(*item, row) for item, row in zip(items, logits)]
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -176,6 +176,7 @@ class LogitStore:
         nbytes = sum(meta.num_samples * meta.num_views * width * np.dtype(dtype).itemsize
                      for width, dtype in meta.arrays().values())
         self.in_memory = nbytes <= max_memory_bytes
+        self.max_memory_bytes = max_memory_bytes
         self._arrays = arrays
         chunk_bytes = nbytes / max(1, meta.num_chunks)
         self._chunks: OrderedDict[int, dict] = OrderedDict()  # decoded chunks, least recently used first

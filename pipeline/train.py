@@ -7,6 +7,7 @@ same loop runs from the store (`store_targets`) or with the teacher live (`onlin
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -262,10 +263,30 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
     return meta, meta.num_chunks - len(pending)
 
 
-def store_targets(store: LogitStore, temperature: float = 1.0) -> Targets:
-    """Teacher logits read from the store for the batch's (sample, view) pairs (a top-K store's rebuilt for
-    `temperature`, the run's T)."""
-    return lambda x, samples, views: torch.from_numpy(store.read(samples.numpy(), views.numpy(), temperature))
+class StoreTargets:
+    """Teacher logits read from a store for a batch's (sample, view) pairs (a top-K store's rebuilt for
+    `temperature`, the run's T): `targets(x, samples, views)`.
+
+    In a DataLoader worker process it reads through its own handle, opened on first use there (h5py handles
+    must not cross a fork), with `worker_budget` bytes of chunk cache.
+    """
+
+    def __init__(self, store: LogitStore, temperature: float = 1.0, worker_budget: int = 0):
+        self.store, self.temperature, self.worker_budget = store, temperature, worker_budget
+        self._pid = os.getpid()
+
+    def read(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
+        if os.getpid() != self._pid:  # a forked worker: its own handle and chunk cache
+            self.store, self._pid = LogitStore(self.store.path, self.worker_budget), os.getpid()
+        return self.store.read(samples, views, self.temperature)
+
+    def __call__(self, x, samples: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.read(samples.numpy(), views.numpy()))
+
+
+def store_targets(store: LogitStore, temperature: float = 1.0) -> StoreTargets:
+    """`StoreTargets` of `store` at `temperature`."""
+    return StoreTargets(store, temperature)
 
 
 def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") -> Targets:
@@ -395,7 +416,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
     `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
     With cfg.shuffle_chunks N > 0, samples are shuffled within windows of N x `chunk_samples` rows.
-    `prefetch` > 0 reads that many batches' targets ahead in a background thread (same values).
+    `prefetch` > 0 reads that many batches' targets ahead in a background thread (same values). With
+    `num_workers` > 0 and a `StoreTargets` store larger than memory, the workers read the logits with the views
+    (each through its own handle and a 1/num_workers share of the store's memory budget).
 
     Under torchrun (world size N > 1) the student is wrapped in DistributedDataParallel (SyncBatchNorm on
     CUDA); cfg.batch_size is the global batch: every rank replays and reads only its near-equal share of each
@@ -418,7 +441,12 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
-    dataset = ReplayDataset(train.images, train.labels, transform, replay_seed)
+    # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
+    in_workers = bool(kd_weight and num_workers > 0 and isinstance(targets, StoreTargets)
+                      and not targets.store.in_memory)
+    if in_workers:
+        targets.worker_budget = targets.store.max_memory_bytes // num_workers
+    dataset = ReplayDataset(train.images, train.labels, transform, replay_seed, targets if in_workers else None)
     window = cfg.shuffle_chunks * chunk_samples
     batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                           cfg.batch_size, me, world)
@@ -430,8 +458,11 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
         model.train()
         batches.epoch = epoch
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)
-        for step, ((x, y, samples, views), teacher_logits) in enumerate(
-                prefetched(loader, targets if kd_weight else None, prefetch)):
+        for step, (batch, teacher_logits) in enumerate(
+                prefetched(loader, targets if kd_weight and not in_workers else None, 0 if in_workers else prefetch)):
+            x, y, samples, views = batch[:4]
+            if in_workers:
+                teacher_logits = batch[4]
             real, scale = batches.share(step, len(train)) if world > 1 else (len(y), 1.0)
             loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
                                         kd_weight, device, cfg.ce_weight, teacher_logits, scale)

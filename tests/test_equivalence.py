@@ -112,8 +112,9 @@ def test_cache_and_online_teacher_share_one_forward_under_autocast(teacher, trai
     assert resolve_amp("auto", torch.device("cuda")) == "float16" and resolve_amp("auto", CPU) == "off"
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_windowed_shuffle_visits_every_sample_once_and_reads_the_same_from_disk_as_from_memory(
-        teacher, train_subset, dataset, tmp_path):
+        teacher, train_subset, dataset, tmp_path, fmt):
     """distill.shuffle_chunks: batches stay within windows of whole chunks, every (sample, view) of the epoch is
     visited once, and a student trained through the chunk cache (store on disk) equals one trained from memory."""
     from pipeline.replay import epoch_pairs
@@ -121,16 +122,18 @@ def test_windowed_shuffle_visits_every_sample_once_and_reads_the_same_from_disk_
     pairs = epoch_pairs("random", 3, 96, epoch=4, seed=0, window=32)
     assert sorted(i for i, _ in pairs) == list(range(96))
     assert [len({i // 32 for i, _ in pairs[s:s + 32]}) for s in range(0, 96, 32)] == [1, 1, 1]
-    path = make_store(tmp_path / "s.zarr", "zarr", "float16", teacher, train_subset, chunk_samples=16)
+    path = make_store(tmp_path / f"s.{fmt}", fmt, "float16", teacher, train_subset, chunk_samples=16)
     cfg = load_params(write_params(tmp_path / "p.yaml", **{
         "distill.epochs": 2, "distill.batch_size": 16, "distill.shuffle_chunks": 2,
         "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})).distill
     weights = []
-    for budget in (1 << 30, 0):  # whole store in memory; on disk through a 2-chunk cache
+    # whole store in memory; on disk through a 2-chunk cache, read in line, read ahead in a thread, and read by
+    # two DataLoader workers (each through its own handle)
+    for budget, prefetch, workers in ((1 << 30, 0, 0), (0, 0, 0), (0, 3, 0), (0, 0, 2)):
         store = LogitStore(path, max_memory_bytes=budget)
         assert store.in_memory == bool(budget)
         student = build_model("tiny_cnn", 1, 10, seed=0)
         distill(student, train_subset, dataset.val, store_targets(store), TRANSFORM, EVAL, 7, 3, cfg, kd_weight=1.0,
-                seed=0, device=CPU, chunk_samples=16)
+                seed=0, device=CPU, chunk_samples=16, prefetch=prefetch, num_workers=workers)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
-    assert torch.equal(weights[0], weights[1])
+    assert all(torch.equal(weights[0], w) for w in weights[1:])
