@@ -246,11 +246,16 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
     return model.eval()
 
 
+class DivergedError(KDError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
 def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
-    """`loss`, or a KDError if training diverged (a NaN/inf loss would otherwise train a model of chance accuracy)."""
+    """`loss`, or a DivergedError if training diverged (a NaN/inf loss would otherwise train a model of chance
+    accuracy)."""
     if not math.isfinite(loss):
-        raise KDError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
-                      f"(now {lr:g}) or, when distilling, kd_weight or temperature")
+        raise DivergedError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
+                            f"(now {lr:g}) or, when distilling, kd_weight or temperature")
     return loss
 
 
@@ -271,13 +276,14 @@ def distill_step(student: nn.Module, optimizer, targets: Targets, x: torch.Tenso
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
             device: torch.device, num_workers: int = 0, chunk_samples: int = 0,
-            log: EpochLog = lambda e, m: None) -> nn.Module:
+            log: EpochLog = lambda e, m: None, progress: bool = True) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
     `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
     With cfg.shuffle_chunks N > 0, samples are shuffled within windows of N x `chunk_samples` rows.
+    `progress` False hides the per-epoch progress bar (a search shows one bar over its trials instead).
     """
     torch.manual_seed(seed)
     student.to(device)
@@ -287,7 +293,8 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     sampler = EpochSampler(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                            len(train))
     loader = make_loader(dataset, sampler, cfg.batch_size, num_workers, device)
-    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch"):
+    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",
+                      disable=not progress):
         student.train()
         sampler.epoch = epoch
         loss_sum = correct = seen = 0
