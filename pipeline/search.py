@@ -65,8 +65,7 @@ def refine_range(best: float, span: float, bounds: list[float]) -> list[float]:
 def best_row(rows: list[dict]) -> dict | None:
     """The row of highest val_acc (the earliest of equals, by round and trial); None without a finite one."""
     scored = [r for r in rows if math.isfinite(r["val_acc"])]
-    return max(sorted(scored, key=lambda r: (r["round"], r["trial"]), reverse=True), key=lambda r: r["val_acc"],
-               default=None)
+    return max(sorted(scored, key=lambda r: (r["round"], r["trial"])), key=lambda r: r["val_acc"], default=None)
 
 
 def config_hash(store_meta, distill: DistillParams, epochs: int, seed: int, data: DataParams) -> str:
@@ -269,6 +268,7 @@ def plot_search(rows: list[dict], path: str | Path) -> None:
     """Validation accuracy over T (x) and λ (y), both log axes, colour = accuracy (with a colourbar); the first
     round as circles, the refinement as triangles, diverged trials as grey crosses, the best marked and labelled."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -297,6 +297,8 @@ def plot_search(rows: list[dict], path: str | Path) -> None:
                     color="red", fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # labels on the decades only: minor labels overlap on short ranges
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no trials" if not rows else "every trial diverged", ha="center",

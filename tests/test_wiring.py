@@ -10,9 +10,8 @@ needless re-runs. Decisions:
 Params: every key the stage's code (`stages/` modules in its closure) reads must be declared, and every declared
 key read. A whole section passed on (`load_dataset(params.data)`, `run_distill(..., cfg, ...)`) reads all its keys.
 `device`, `num_workers`, `memory_mb` and `search.processes` are never declared: by design they never change a
-result. Other exceptions are listed
-below with their reasons (an entry no longer needed fails too); the baseline (`kd distill --baseline`) must not
-declare `BASELINE_EXCLUDED`.
+result. Other exceptions are listed below with their reasons (an entry no longer needed fails too); the baseline
+(`kd distill --baseline`) must not declare `BASELINE_EXCLUDED`.
 Paths: every out/metric/plot lies at or under a path in `cmd`, and every other dep is in `cmd` or is the data
 folder (`${data.root}`), which the stage finds through params (so it must read `data.root`).
 """
