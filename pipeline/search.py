@@ -214,6 +214,7 @@ def search(store, train, val, distill_cfg: DistillParams, cfg: SearchParams, *, 
              f"now {config}): starting a fresh search")
     trial_cfg = dataclasses.replace(distill_cfg, epochs=cfg.epochs)
     rows: dict[tuple[int, int], dict] = {}
+    reused = 0
     runner = trial_runner(store, train, val, trial_cfg, seed=seed, device=device, processes=cfg.processes,
                           memory_bytes=memory_bytes, num_workers=num_workers)
     with runner as run, tqdm(total=cfg.trials + cfg.refine_trials, desc="search", unit="trial") as bar:
@@ -232,6 +233,7 @@ def search(store, train, val, distill_cfg: DistillParams, cfg: SearchParams, *, 
                 old = kept.get((t.round, t.trial))
                 if old and (old["temperature"], old["kd_weight"]) == (t.temperature, t.kd_weight):
                     rows[t.round, t.trial] = old
+                    reused += 1
                     bar.update()
                 else:
                     todo.append(t)
@@ -246,6 +248,8 @@ def search(store, train, val, distill_cfg: DistillParams, cfg: SearchParams, *, 
                 _show_best(bar, rows)
                 on_trial(row)
     write_rows(out, list(rows.values()))
+    if reused:
+        echo(f"{out}: {reused} of {len(rows)} trials kept from an earlier run, {len(rows) - reused} run now")
     return sorted(rows.values(), key=lambda r: (r["round"], r["trial"]))
 
 

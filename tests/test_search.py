@@ -16,7 +16,7 @@ from stages.cli import kd
 from conftest import make_store, write_params
 
 SEARCH = {"data.train_subset": 96, "search.trials": 3, "search.refine_trials": 2, "search.epochs": 1,
-          "distill.optimizer.lr": 0.01}  # a learning rate that makes one epoch tell the trials apart
+          "search.processes": 1, "distill.optimizer.lr": 0.01}  # an lr that makes one epoch tell the trials apart
 
 
 def invoke(*args):
@@ -99,11 +99,15 @@ def test_an_interrupted_search_resumes_and_runs_only_the_unfinished_trials(tiny,
     rows = tiny_search(tiny, out, on_trial=ran.append, echo=lines.append)
     assert [(r["round"], r["trial"]) for r in ran] == [(1, 2), (2, 0), (2, 1)]  # the two finished ones were kept
     assert without_seconds(rows) == without_seconds(reference)
+    assert lines == [f"{out}: 2 of 5 trials kept from an earlier run, 3 run now"]
     ran.clear()
-    tiny_search(tiny, out, on_trial=ran.append)
-    assert ran == [] and not lines  # everything kept
+    lines.clear()
+    tiny_search(tiny, out, on_trial=ran.append, echo=lines.append)
+    assert ran == [] and lines == [f"{out}: 5 of 5 trials kept from an earlier run, 0 run now"]
+    lines.clear()
     tiny_search(tiny, out, on_trial=ran.append, echo=lines.append, config="other")
-    assert len(ran) == 5 and "another configuration (config abc, now other): starting a fresh search" in lines[0]
+    assert len(ran) == 5 and lines == [f"{out}: its 5 trials were run with another configuration (config abc, now "
+                                       "other): starting a fresh search"]
 
 
 def test_a_deleted_row_or_changed_draw_is_run_again(tiny, tmp_path):
@@ -182,7 +186,7 @@ def kd_search(project, params, out, *extra):
 def test_kd_search_never_reads_the_test_split_and_processes_never_change_a_result(test_reads, project, tmp_path):
     rows = {}
     for processes in (1, 2):
-        params = write_params(tmp_path / f"params{processes}.yaml", **SEARCH, **{"search.processes": processes})
+        params = write_params(tmp_path / f"params{processes}.yaml", **{**SEARCH, "search.processes": processes})
         before = params.read_bytes()
         output = kd_search(project, params, tmp_path / str(processes))
         assert params.read_bytes() == before  # no --write-params: params.yaml untouched
@@ -203,7 +207,7 @@ def test_write_params_changes_exactly_temperature_and_kd_weight(project, tmp_pat
     text = (ROOT / "params.yaml").read_text()
     # The project's own file (comments and all), made to fit the store and tiny by line edits.
     tiny = {"cache.num_views": 2, "cache.chunk_samples": 100, "data.train_subset": 96, "search.trials": 3,
-            "search.refine_trials": 2, "search.epochs": 1}
+            "search.refine_trials": 2, "search.epochs": 1, "search.processes": 1}
     for key, value in tiny.items():
         section, name = key.split(".")
         head, tail = text.split(f"\n{section}:", 1)
