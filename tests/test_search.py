@@ -258,3 +258,16 @@ def test_a_missing_search_key_is_named(tmp_path):
     path.write_text(path.read_text().replace("  refine_span:", "  # refine_span:"))
     with pytest.raises(ParamsError, match="missing key 'search.refine_span'"):
         load_params(path)
+
+
+def test_no_trials_still_writes_a_figure_and_metrics(tmp_path):
+    from pipeline.search import best_summary, plot_search
+
+    plot_search([], tmp_path / "search.png")
+    assert (tmp_path / "search.png").stat().st_size > 1000
+    assert best_summary([]) == {"temperature": None, "kd_weight": None, "val_acc": None, "round": None,
+                                "trial": None, "trials": 0}
+    diverged = {"trial": 0, "round": 1, "temperature": 50.0, "kd_weight": 80.0, "seed": 0, "epochs": 1,
+                "val_acc": float("nan"), "seconds": 0.1, "config": "abc"}
+    plot_search([diverged], tmp_path / "diverged.png")
+    assert best_summary([diverged])["val_acc"] is None
