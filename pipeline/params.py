@@ -90,6 +90,18 @@ class DistillParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchParams:
+    trials: int
+    refine_trials: int
+    refine_span: float
+    temperature: list[float]
+    kd_weight: list[float]
+    epochs: int
+    seed: int
+    processes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     threshold: float
 
@@ -105,11 +117,17 @@ class Params:
     teacher: TeacherParams
     cache: CacheParams
     distill: DistillParams
+    search: SearchParams
     evaluate: EvaluateParams
 
 
 def _finite(v) -> bool:
     return math.isfinite(v)
+
+
+def _log_range(v) -> bool:
+    """[lo, hi] drawn from log-uniformly: two finite numbers, 0 < lo < hi."""
+    return len(v) == 2 and all(_finite(b) for b in v) and 0 < v[0] < v[1]
 
 
 def _optim_rules(section: str) -> list:
@@ -165,6 +183,14 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("distill.batch_size", lambda v: v >= 1, "an integer >= 1"),
     *_optim_rules("distill.optimizer"),
+    ("search.trials", lambda v: v >= 0, "an integer >= 0"),
+    ("search.refine_trials", lambda v: v >= 0, "an integer >= 0"),
+    ("search.refine_span", lambda v: _finite(v) and v > 1, "a finite number > 1"),
+    ("search.temperature", _log_range, "[lo, hi] with 0 < lo < hi, both finite"),
+    ("search.kd_weight", _log_range, "[lo, hi] with 0 < lo < hi, both finite"),
+    ("search.epochs", lambda v: v >= 1, "an integer >= 1"),
+    ("search.seed", lambda v: v >= 0, "an integer >= 0"),
+    ("search.processes", lambda v: v >= 1, "an integer >= 1"),
     ("evaluate.threshold", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
 ]
 
@@ -209,6 +235,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if opt.schedule == "step" and any(m >= epochs for m in opt.lr_milestones):
             problems.append(f"{section}.optimizer.lr_milestones {opt.lr_milestones} must be < {section}.epochs "
                             f"({epochs}); a milestone at or past the last epoch has no effect")
+    trials, refine = _get(params, "search.trials"), _get(params, "search.refine_trials")
+    if INVALID not in (trials, refine) and trials == 0 and refine > 0:
+        problems.append(f"search.refine_trials is {refine} but search.trials is 0; the refinement round draws around "
+                        "the first round's best: set search.trials >= 1, or search.refine_trials: 0")
     for key, options_key in (("teacher.arch", "teacher.arch_options"), ("distill.student", "distill.student_options")):
         arch, options = _get(params, key), _get(params, options_key)
         error = None if INVALID in (arch, options) else arch_error(arch, options)

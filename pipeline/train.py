@@ -377,11 +377,16 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
     return model.eval()
 
 
+class DivergedError(KDError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
 def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
-    """`loss`, or a KDError if training diverged (a NaN/inf loss would otherwise train a model of chance accuracy)."""
+    """`loss`, or a DivergedError if training diverged (a NaN/inf loss would otherwise train a model of chance
+    accuracy)."""
     if not math.isfinite(loss):
-        raise KDError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
-                      f"(now {lr:g}) or, when distilling, kd_weight or temperature")
+        raise DivergedError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
+                            f"(now {lr:g}) or, when distilling, kd_weight or temperature")
     return loss
 
 
@@ -409,7 +414,7 @@ def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torc
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
             device: torch.device, num_workers: int = 0, chunk_samples: int = 0, prefetch: int = 0,
-            log: EpochLog = lambda e, m: None) -> nn.Module:
+            log: EpochLog = lambda e, m: None, progress: bool = True) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
@@ -425,7 +430,7 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     global batch, and its loss is scaled so that the averaged gradient is the global batch mean. The result
     matches one process up to floating-point order (on CPU, BatchNorm statistics stay per rank; dropout draws
     differ). `log` gets the global training loss and accuracy; validation runs on rank 0 only (others get
-    val_acc NaN).
+    val_acc NaN). `progress` False hides the per-epoch progress bar (a search shows one bar over its trials).
     """
     torch.manual_seed(seed)
     student.to(device)
@@ -454,7 +459,8 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
-    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch", disable=me != 0):
+    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",
+                      disable=me != 0 or not progress):
         model.train()
         batches.epoch = epoch
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)

@@ -28,7 +28,9 @@ def new_project(root: Path, **overrides) -> Path:
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     write_params(root / "params.yaml", **{"distill.epochs": 1, "distill.optimizer.lr_milestones": [],
-                                          "distill.optimizer.lr_factors": [], **overrides})
+                                          "distill.optimizer.lr_factors": [], "search.trials": 2,
+                                          "search.refine_trials": 1, "search.epochs": 1, "search.processes": 1,
+                                          **overrides})
     run(["git", "init", "-q"], root)
     run(["git", "config", "user.email", "test@example.com"], root)
     run(["git", "config", "user.name", "test"], root)
@@ -47,7 +49,7 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage(project):
     root, out = project
-    for stage in ("teacher", "cache", "distill", "baseline", "evaluate"):
+    for stage in ("teacher", "cache", "distill", "baseline", "search", "evaluate"):
         assert f"Running stage '{stage}'" in out
     assert (root / "cache/teacher_logits.zarr/zarr.json").is_file()
     metrics = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], root))
@@ -60,18 +62,31 @@ def test_second_repro_does_nothing(project):
     assert "Running stage" not in out
 
 
+def test_an_interrupted_search_resumes_under_dvc_repro(project):
+    """persist: true keeps reports/search.csv when the stage re-runs, so finished trials are not run again."""
+    root, _ = project
+    csv = root / "reports/search.csv"
+    full = csv.read_text().splitlines()
+    csv.write_text("\n".join(full[:3]) + "\n")  # as if stopped after two trials
+    out = run([str(BIN / "dvc"), "repro"], root)
+    assert ran(out) == {"search"} and "2 of 3 trials kept from an earlier run, 1 run now" in out
+    strip = lambda lines: [line.rsplit(",", 2)[0::2] for line in lines]  # noqa: E731
+    assert strip(csv.read_text().splitlines()) == strip(full)  # all but the seconds column
+    assert "Running stage" not in run([str(BIN / "dvc"), "repro"], root)
+
+
 def test_changing_temperature_reruns_only_distill_and_evaluate(project):
     root, _ = project
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "reproduced"], root)
     out = run([str(BIN / "dvc"), "exp", "run", "-S", "distill.temperature=7.5", "-S", "distill.kd_weight=0.3"], root)
     assert "Running stage 'distill'" in out and "Running stage 'evaluate'" in out
-    for reused in ("teacher", "cache", "baseline"):
+    for reused in ("teacher", "cache", "baseline", "search"):
         assert f"Running stage '{reused}'" not in out
 
 
 def ran(out: str) -> set[str]:
-    return {stage for stage in ("teacher", "cache", "distill", "baseline", "evaluate")
+    return {stage for stage in ("teacher", "cache", "distill", "baseline", "search", "evaluate")
             if f"Running stage '{stage}'" in out}
 
 
@@ -90,7 +105,7 @@ def test_users_teacher_and_image_folder_under_dvc_repro(tmp_path):
                          "data.root": str(images), "data.val_fraction": 1 / 3, "augment": [],
                          "cache.num_views": 1})
     dvc = str(BIN / "dvc")
-    assert ran(run([dvc, "repro"], root)) == {"teacher", "cache", "distill", "baseline", "evaluate"}
+    assert ran(run([dvc, "repro"], root)) == {"teacher", "cache", "distill", "baseline", "search", "evaluate"}
     assert (root / "reports/live/teacher/metrics.json").is_file()
     assert ran(run([dvc, "repro"], root)) == set()
     save_checkpoint(build_model("tiny_cnn", 3, 3, seed=2), "tiny_cnn", 3, 3, root / "teachers/mine.pt")

@@ -24,7 +24,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("command", ["teacher", "cache", "distill", "evaluate"])
+@pytest.mark.parametrize("command", ["teacher", "cache", "distill", "search", "evaluate"])
 def test_help(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0 and "--params" in result.output

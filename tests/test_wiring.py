@@ -9,9 +9,9 @@ needless re-runs. Decisions:
     assembles the commands; a stage's result depends on its own command's code, not on its siblings'.
 Params: every key the stage's code (`stages/` modules in its closure) reads must be declared, and every declared
 key read. A whole section passed on (`load_dataset(params.data)`, `run_distill(..., cfg, ...)`) reads all its keys.
-`device`, `num_workers` and `memory_mb` are never declared: by design they never change a result. Other exceptions are listed
-below with their reasons (an entry no longer needed fails too); the baseline (`kd distill --baseline`) must not
-declare `BASELINE_EXCLUDED`.
+`device`, `num_workers`, `memory_mb` and `search.processes` are never declared: by design they never change a
+result. Other exceptions are listed below with their reasons (an entry no longer needed fails too); the baseline
+(`kd distill --baseline`) must not declare `BASELINE_EXCLUDED`.
 Paths: every out/metric/plot lies at or under a path in `cmd`, and every other dep is in `cmd` or is the data
 folder (`${data.root}`), which the stage finds through params (so it must read `data.root`).
 """
@@ -26,10 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]  # safe_load resolves the *distill_deps alias
 
-NEVER_CHANGE_RESULTS = {"device", "num_workers", "memory_mb"}
+NEVER_CHANGE_RESULTS = {"device", "num_workers", "memory_mb", "search.processes"}
 # Keys read by a stage's code but rightly not declared, with the reason.
 READ_NOT_DECLARED = {
     "cache": {"cache.batch_size": "only batches the teacher's eval-mode forward pass; the logits do not depend on it"},
+    # kd search passes `distill` on whole, but sets T and λ per trial, trains search.epochs epochs and always reads
+    # the store: re-running the search when distill's T, λ or epochs change (e.g. after --write-params) is waste.
+    "search": {"distill.temperature": "set per trial from the search's draws",
+               "distill.kd_weight": "set per trial from the search's draws",
+               "distill.epochs": "trials train search.epochs epochs",
+               "distill.teacher_source": "trials always read the store"},
 }
 # The baseline trains the student alone (kd_weight 0): T, λ and α are unused, and teacher_source (and cache.amp, the
 # online teacher's precision) only shape the never-used targets. Its code reads them; it must not re-run.

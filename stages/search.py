@@ -1,0 +1,62 @@
+"""`kd search`: choose T and λ on the validation split from one logit store (never re-running the teacher)."""
+
+import click
+
+from stages.common import device_option, params_option, setup, stage
+
+
+@click.command()
+@params_option
+@device_option
+@click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
+              help="Teacher checkpoint (the store must be made from it).")
+@click.option("--cache", "cache_path", default="cache/teacher_logits.zarr", show_default=True,
+              help="Logit store written by `kd cache`.")
+@click.option("--out", default="reports/search.csv", show_default=True,
+              help="One row per trial; an interrupted search run again keeps its finished trials.")
+@click.option("--figure", default="reports/search.png", show_default=True,
+              help="Validation accuracy over T and λ.")
+@click.option("--metrics", "metrics_path", default="reports/search.json", show_default=True,
+              help="The best trial (JSON).")
+@click.option("--write-params", is_flag=True,
+              help="Write the best T and λ into the params file's distill.temperature / distill.kd_weight.")
+@stage
+def search(params_path, device, teacher_path, cache_path, out, figure, metrics_path, write_params):
+    """Search distill.temperature and distill.kd_weight (params `search`), scored on the validation split."""
+    import json
+
+    from pipeline import KDError
+    from pipeline.data import fingerprint, load_dataset
+    from pipeline.models import load_checkpoint, weights_fingerprint
+    from pipeline.report import write_text
+    from pipeline.search import best_summary, config_hash, plot_search, search as run_search, write_best_params
+    from pipeline.store import LogitStore
+
+    params, device = setup(params_path, device)
+    data = load_dataset(params.data)
+    teacher, _ = load_checkpoint(teacher_path)
+    memory_bytes = params.memory_mb << 20
+    store = LogitStore(cache_path, max_memory_bytes=memory_bytes)
+    # The views the trials replay must be the ones the store's logits belong to: refuse any difference.
+    store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
+                    augment=params.augment, mean=list(data.mean), std=list(data.std), seed=params.cache.seed,
+                    num_views=params.cache.num_views, num_samples=len(data.train), num_classes=data.num_classes,
+                    chunk_samples=params.cache.chunk_samples)
+    cfg = params.search
+    config = config_hash(store.meta, params.distill, cfg.epochs, params.seed, params.data)
+    # Only the training and validation splits go in: the test split is never read to choose T and λ.
+    rows = run_search(store, data.train, data.val, params.distill, cfg, seed=params.seed, config=config, out=out,
+                      device=device, memory_bytes=memory_bytes, num_workers=params.num_workers, echo=click.echo)
+    plot_search(rows, figure)
+    best = best_summary(rows)
+    write_text(metrics_path, json.dumps(best, indent=2) + "\n")
+    if best["val_acc"] is None:
+        click.echo("No trials run (search.trials is 0)" if not rows else "Every trial diverged")
+        if write_params:
+            raise KDError(f"--write-params: no trial scored, nothing to write into {params_path}")
+        return
+    click.echo(f"Best of {len(rows)} trials: T = {best['temperature']:g}, λ = {best['kd_weight']:g}, "
+               f"validation accuracy {100 * best['val_acc']:.2f} % (round {best['round']}, trial {best['trial']})")
+    if write_params:
+        changes = write_best_params(params_path, best["temperature"], best["kd_weight"])
+        click.echo(f"{params_path}: " + ("; ".join(changes) if changes else "already holds the best T and λ"))
