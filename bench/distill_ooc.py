@@ -131,12 +131,13 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident MB of this process plus that of its largest finished child (a DataLoader worker, whose
-    pages are partly shared with this process: an upper bound)."""
+    """Peak resident MB of this process; with DataLoader workers, plus that of its largest finished child (a
+    forked worker also counts the pages it shares with this process: an upper bound)."""
     import gc
 
     gc.collect()  # let the loader (and its workers) go
-    return sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if WORKERS else (resource.RUSAGE_SELF,)
+    return sum(resource.getrusage(w).ru_maxrss for w in who) / 1024
 
 
 def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
@@ -234,7 +235,8 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
              f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
-             "read ahead in a thread (0 workers) or in the workers. Peak RSS: the process's maximum resident size plus its largest worker's.", "",
+             "read ahead in a thread (0 workers) or in the workers. Peak RSS: the process's maximum resident size (with "
+             "workers, plus its largest worker's: an upper bound).", "",
              "| student | samples x views x classes | store MB | budget MB | variant | samples/s | x floor | "
              "x oracle | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in tables.items():
