@@ -15,7 +15,6 @@ teacher shared this machine's cores perfectly. Keys in results.json:
   (best of the worker settings), cache_us_per_view_<N>samples (the scaling run).
 """
 
-import json
 import os
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import click
 import torch
 
+from output import publish
 from pipeline.data import Split, input_transform
 from pipeline.models import build_model
 from pipeline.params import CacheParams
@@ -212,7 +212,7 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
                 for amp in amps.split(",") if device.type == "cuda" else ("off",):
                     results.update(measure_device(name, repeats, Path(tmp), device, amp, workers))
                     print({k: round(v, 3) for k, v in results.items() if name in k and amp in k}, flush=True)
-        return _write(device_section(results, repeats, workers, device), results, out, json_path)
+        return publish(device_section(results, repeats, workers, device), results, out, json_path)
     with tempfile.TemporaryDirectory() as tmp:
         for name in PAIRS:
             results.update(measure_pair(name, repeats, Path(tmp)))
@@ -234,19 +234,7 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
     if scale:
         lines += ["", "Time per view as the data grows (1 view, no augmentation, mlp teacher on 1x8x8): " +
                   ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
-    _write(lines, results, out, json_path)
-
-
-def _write(lines: list[str], results: dict, out, json_path) -> None:
-    print("\n".join(lines))
-    if out:
-        with open(out, "a") as f:
-            f.write("\n".join(lines) + "\n")
-    if json_path:
-        path = Path(json_path)
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.update({k: round(v, 4) for k, v in results.items()})
-        path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    publish(lines, results, out, json_path)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from output import publish
+
 SETUPS = {  # name: (student, (C, H, W), classes, samples, views, batch)
     "tiny": ("tiny_cnn", (1, 8, 8), 100, 100_000, 8, 64),
     "resnet20": ("resnet20", (3, 32, 32), 10, 6_000, 8, 64),
@@ -252,15 +254,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
     if scale:
         lines += ["", "Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows: " +
                   ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
-    print("\n".join(lines))
-    if out:
-        with open(out, "a") as f:
-            f.write("\n".join(lines) + "\n")
-    if json_path:
-        path = Path(json_path)
-        merged = json.loads(path.read_text()) if path.is_file() else {}
-        merged.update({k: round(v, 4) for k, v in results.items()})
-        path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    publish(lines, results, out, json_path)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 import click
 import numpy as np
 
+from output import publish
 from pipeline import topk
 
 TEMPERATURES = (1, 2, 4, 8, 20)
@@ -106,10 +107,7 @@ def main(store, samples, out):
         logits = zarr.open_group(store, mode="r")["logits"]  # read raw: any format version of a full store
         real = np.asarray(logits[:samples, 0]).astype(np.float32)
         lines += table(errors(real, (1, 2, 3, 5)), real.shape[-1], f"Real teacher ({store}, view 0)") + [""]
-    print("\n".join(lines))
-    if out:
-        with open(out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish(lines, append_to=out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ CURVES = (("loss", "Training loss"), ("train_acc", "Training accuracy"), ("val_a
 COLORS = {"teacher": "tab:green", "distilled": "tab:blue", "baseline": "tab:orange"}  # by the label's first word
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +33,7 @@ def save_figure(fig, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     tmp.replace(path)
 
 
@@ -42,7 +43,7 @@ def plot_training(histories: dict[str, dict[str, list[float]]], path: str | Path
     A run may lack a curve (a user's teacher logs only validation accuracy): its panel shows the other runs,
     or says "not logged". Epochs are counted from 1; a run of one epoch shows as a point.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (name, title) in zip(axes, CURVES):
         drawn = False
@@ -64,7 +65,7 @@ def plot_training(histories: dict[str, dict[str, list[float]]], path: str | Path
 
 def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | Path, title: str) -> None:
     """Heat map of a confusion matrix (rows actual, columns predicted), counts written in the cells when C <= 20."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     side = min(12.0, max(5.0, 0.45 * n + 2))
     fig, ax = plt.subplots(figsize=(side, side * 0.85))
@@ -87,7 +88,7 @@ def plot_confusion(confusion: np.ndarray, classes: list[str], path: str | Path, 
 
 def plot_per_class(per_class: dict[str, np.ndarray], classes: list[str], path: str | Path) -> None:
     """Grouped bars: test accuracy within each class, one bar per model (label -> accuracy per class)."""
-    plt = _pyplot()
+    plt = pyplot()
     n, k = len(classes), len(per_class)
     fig, ax = plt.subplots(figsize=(min(15.0, max(8.0, 0.35 * n * k)), 4))
     width = 0.8 / k
@@ -109,7 +110,7 @@ def plot_reliability(bins: dict[str, tuple], eces: dict[str, float], path: str |
     """Reliability diagrams side by side (Guo et al. 2017): per confidence bin, the accuracy (bars) against the
     diagonal of perfect calibration, the gap to the bin's mean confidence hatched in red. `bins[label] = (count,
     accuracy, confidence)` as `pipeline.metrics.calibration_bins` returns them; empty bins are left blank."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(bins), figsize=(5 * len(bins), 4.6), squeeze=False)
     for ax, (label, (count, acc, conf)) in zip(axes[0], bins.items()):
         width = 1 / len(count)

@@ -271,12 +271,11 @@ def best_summary(rows: list[dict]) -> dict:
 def plot_search(rows: list[dict], path: str | Path) -> None:
     """Validation accuracy over T (x) and λ (y), both log axes, colour = accuracy (with a colourbar); the first
     round as circles, the refinement as triangles, diverged trials as grey crosses, the best marked and labelled."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.figures import pyplot, save_figure
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5))
     scored = [r for r in rows if math.isfinite(r["val_acc"])]
     accs = [100 * r["val_acc"] for r in scored]
@@ -311,12 +310,7 @@ def plot_search(rows: list[dict], path: str | Path) -> None:
            title=f"Validation accuracy of {len(rows)} trials ({rows[0]['epochs'] if rows else 0} epochs each)")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def set_distill_values(text: str, values: dict[str, float]) -> str:

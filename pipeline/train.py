@@ -59,15 +59,16 @@ def prepare_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
     return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
 
 
-def make_loader(dataset, sampler, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """A DataLoader over `sampler`'s pairs; workers (if any) live as long as the loader.
+def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader over `sampler`'s pairs in batches of `batch_size` (None: `sampler` yields whole batches);
+    workers (if any) live as long as the loader.
 
     Its own generator keeps the loader from drawing on the global RNG, so the number of workers
     never changes a result (the views themselves are seeded per (sample, view) by the replay).
     """
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
-                      generator=torch.Generator())
+    batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
+    return DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -275,6 +276,10 @@ class StoreTargets:
         self.store, self.temperature, self.worker_budget = store, temperature, worker_budget
         self._pid = os.getpid()
 
+    def in_workers(self, num_workers: int) -> "StoreTargets":
+        """The same targets for `num_workers` DataLoader workers, each with a 1/num_workers share of the budget."""
+        return StoreTargets(self.store, self.temperature, self.store.max_memory_bytes // num_workers)
+
     def read(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         if os.getpid() != self._pid:  # a forked worker: its own handle and chunk cache
             self.store, self._pid = LogitStore(self.store.path, self.worker_budget), os.getpid()
@@ -449,14 +454,12 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
     in_workers = bool(kd_weight and num_workers > 0 and isinstance(targets, StoreTargets)
                       and not targets.store.in_memory)
-    if in_workers:
-        targets.worker_budget = targets.store.max_memory_bytes // num_workers
-    dataset = ReplayDataset(train.images, train.labels, transform, replay_seed, targets if in_workers else None)
+    dataset = ReplayDataset(train.images, train.labels, transform, replay_seed,
+                            targets.in_workers(num_workers) if in_workers else None)
     window = cfg.shuffle_chunks * chunk_samples
     batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                           cfg.batch_size, me, world)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader = make_loader(dataset, batches, None, num_workers, device)
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
     for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",

@@ -59,3 +59,18 @@ def live_log(live_dir: str | None):
             live.next_step()
 
         yield log
+
+
+def open_run_store(path, memory_mb: int, teacher, data, augment, seed: int, num_views: int, chunk_samples: int):
+    """The logit store at `path` (read within `memory_mb`), refused with every differing field named unless its
+    logits belong to the views this run replays: same teacher weights and training data (fingerprints),
+    augmentation, normalisation, replay seed, views, samples, classes and chunk rows."""
+    from pipeline.data import fingerprint
+    from pipeline.models import weights_fingerprint
+    from pipeline.store import LogitStore
+
+    store = LogitStore(path, max_memory_bytes=memory_mb << 20)
+    store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
+                    augment=augment, mean=list(data.mean), std=list(data.std), seed=seed, num_views=num_views,
+                    num_samples=len(data.train), num_classes=data.num_classes, chunk_samples=chunk_samples)
+    return store

@@ -2,7 +2,7 @@
 
 import click
 
-from stages.common import device_option, live_log, params_option, setup, stage
+from stages.common import device_option, live_log, open_run_store, params_option, setup, stage
 
 
 @click.command()
@@ -19,10 +19,9 @@ from stages.common import device_option, live_log, params_option, setup, stage
 def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
     """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes)."""
     from pipeline import KDError, distributed
-    from pipeline.data import fingerprint, input_transform, load_dataset
-    from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
+    from pipeline.data import input_transform, load_dataset
+    from pipeline.models import build_model, load_checkpoint, save_checkpoint
     from pipeline.replay import build_augment
-    from pipeline.store import LogitStore
     from pipeline.train import PREFETCH, accuracy, distill as run_distill, online_targets, store_targets
 
     params, device = setup(params_path, device)
@@ -36,12 +35,8 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
         if cfg.teacher_source == "cache":
             if cache_path is None:
                 raise KDError("distill.teacher_source is cache but no --cache store was given")
-            store = LogitStore(cache_path, max_memory_bytes=params.memory_mb << 20)
-            # The views this run replays must be the ones the store's logits belong to: refuse any difference.
-            store.check_run(teacher_fingerprint=weights_fingerprint(teacher),
-                            dataset_fingerprint=fingerprint(data.train), augment=augment, mean=list(mean),
-                            std=list(std), seed=replay_seed, num_views=num_views, num_samples=len(data.train),
-                            num_classes=data.num_classes, chunk_samples=params.cache.chunk_samples)
+            store = open_run_store(cache_path, params.memory_mb, teacher, data, augment, replay_seed, num_views,
+                                   params.cache.chunk_samples)
             targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
             if not store.in_memory and distributed.rank() == 0:
                 _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)

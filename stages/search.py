@@ -2,7 +2,7 @@
 
 import click
 
-from stages.common import device_option, params_option, setup, stage
+from stages.common import device_option, open_run_store, params_option, setup, stage
 
 
 @click.command()
@@ -26,22 +26,17 @@ def search(params_path, device, teacher_path, cache_path, out, figure, metrics_p
     import json
 
     from pipeline import KDError
-    from pipeline.data import fingerprint, load_dataset
-    from pipeline.models import load_checkpoint, weights_fingerprint
+    from pipeline.data import load_dataset
+    from pipeline.models import load_checkpoint
     from pipeline.report import write_text
     from pipeline.search import best_summary, config_hash, plot_search, search as run_search, write_best_params
-    from pipeline.store import LogitStore
 
     params, device = setup(params_path, device)
     data = load_dataset(params.data)
     teacher, _ = load_checkpoint(teacher_path)
     memory_bytes = params.memory_mb << 20
-    store = LogitStore(cache_path, max_memory_bytes=memory_bytes)
-    # The views the trials replay must be the ones the store's logits belong to: refuse any difference.
-    store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
-                    augment=params.augment, mean=list(data.mean), std=list(data.std), seed=params.cache.seed,
-                    num_views=params.cache.num_views, num_samples=len(data.train), num_classes=data.num_classes,
-                    chunk_samples=params.cache.chunk_samples)
+    store = open_run_store(cache_path, params.memory_mb, teacher, data, params.augment, params.cache.seed,
+                           params.cache.num_views, params.cache.chunk_samples)
     cfg = params.search
     config = config_hash(store.meta, params.distill, cfg.epochs, params.seed, params.data)
     # Only the training and validation splits go in: the test split is never read to choose T and λ.

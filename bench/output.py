@@ -1,0 +1,18 @@
+"""Where a benchmark's figures go: printed, appended to a markdown file, merged into the flat results JSON."""
+
+import json
+from pathlib import Path
+
+
+def publish(lines: list[str], results: dict | None = None, append_to=None, json_path=None) -> None:
+    """Print `lines`; append them to `append_to` (markdown) and merge `results` (flat {key: number}, rounded to
+    4 digits) into the JSON object at `json_path`, each when given."""
+    print("\n".join(lines))
+    if append_to:
+        with open(append_to, "a") as f:
+            f.write("\n".join(lines) + "\n")
+    if json_path and results:
+        path = Path(json_path)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update({k: round(v, 4) for k, v in results.items()})
+        path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
