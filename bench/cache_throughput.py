@@ -6,8 +6,11 @@ Usage: python bench/cache_throughput.py [--repeats 3] [--append BENCHMARKS.md] [
 
 For each pair (teacher, input), on the same synthetic uint8 images and in alternation:
   teacher forward alone   `teacher_forward` on pre-replayed batches (views/s; CPU-seconds per view)
-  replay alone            `ReplayDataset` + collate, the views the cache makes (views/s; CPU-seconds per view)
-  cache stage             `cache_teacher_logits` into a real zarr store (num_workers 0 and 1)
+  replay alone            `ReplayDataset` batches as the cache makes them (`BatchReplay` for crops and flips, else
+                          view by view and collated) (views/s; CPU-seconds per view)
+  cache stage             `cache_teacher_logits` into a real zarr store: num_workers 0 (replay, then the teacher on
+                          all torch threads, in this process) and num_workers = cores (each worker replays and runs
+                          the teacher on one torch thread; this process writes)
 The shared-cores bound is cores / (teacher CPU-s per view + replay CPU-s per view): the rate if replay and
 teacher shared this machine's cores perfectly. Keys in results.json:
   cache_views_per_s_<pair>_w<N>, teacher_forward_views_per_s_<pair>, replay_views_per_s_<pair>,
@@ -62,16 +65,22 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
     pairs = [(i, v) for i in range(n) for v in range(VIEWS)]
     batches = [torch.stack([dataset[p][0] for p in pairs[s:s + 256]]) for s in range(0, len(pairs), 256)]
     views = len(pairs)
-    runs = {"teacher": [], "replay": [], "cache_w0": [], "cache_w1": []}
+    cores = os.cpu_count() or 1
+    wide = f"cache_w{cores}"
+    runs = {"teacher": [], "replay": [], "cache_w0": [], wide: []}
     cpu = {"teacher": [], "replay": []}
 
     def forward():
         for x in batches:
             teacher_forward(teacher, x, CPU, "off")
 
-    def replay():
+    def replay():  # as the cache stage replays: batched (crops, flips) or view by view, then collated
         for s in range(0, len(pairs), 256):
-            torch.utils.data.default_collate([dataset[p] for p in pairs[s:s + 256]])
+            batch = dataset.__getitems__(pairs[s:s + 256])
+            if dataset.batched is not None:
+                dataset.batched.apply(batch[0], batch[1])
+            else:
+                torch.utils.data.default_collate(batch)
 
     def cache(workers):
         cfg = CacheParams(num_views=VIEWS, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
@@ -83,17 +92,16 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
     forward(), replay()  # warm up
     for _ in range(repeats):
         for key, fn in (("teacher", forward), ("replay", replay), ("cache_w0", lambda: cache(0)),
-                        ("cache_w1", lambda: cache(1))):
+                        (wide, lambda: cache(cores))):
             wall, cpu_s = timed(fn)
             runs[key].append(views / wall)
             if key in cpu:
                 cpu[key].append(cpu_s / views)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    cores = os.cpu_count() or 1
     bound = cores / (statistics.median(cpu["teacher"]) + statistics.median(cpu["replay"]))
-    best = max(med["cache_w0"], med["cache_w1"])
+    best = max(med["cache_w0"], med[wide])
     return {f"teacher_forward_views_per_s_{name}": med["teacher"], f"replay_views_per_s_{name}": med["replay"],
-            f"cache_views_per_s_{name}_w0": med["cache_w0"], f"cache_views_per_s_{name}_w1": med["cache_w1"],
+            f"cache_views_per_s_{name}_w0": med["cache_w0"], f"cache_views_per_s_{name}_w{cores}": med[wide],
             f"shared_cores_bound_views_per_s_{name}": bound,
             f"cache_vs_teacher_forward_{name}": best / med["teacher"],
             f"cache_vs_shared_cores_bound_{name}": best / bound}
@@ -222,13 +230,13 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
              f"`python bench/cache_throughput.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}): views per second, medians of "
              f"{repeats} alternated repeats, {VIEWS} views per sample, synthetic uint8 images, real zarr stores.", "",
-             "| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, 1 worker "
+             f"| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, {cores} workers "
              "| cache / teacher forward | cache / bound |", "|---|---|---|---|---|---|---|---|"]
     for name in PAIRS:
         r = {k.replace(f"_{name}", ""): v for k, v in results.items() if name in k}
         lines.append(f"| {name} | {r['teacher_forward_views_per_s']:.0f} | {r['replay_views_per_s']:.0f} | "
                      f"{r['shared_cores_bound_views_per_s']:.0f} | {r['cache_views_per_s_w0']:.0f} | "
-                     f"{r['cache_views_per_s_w1']:.0f} | {r['cache_vs_teacher_forward']:.2f}x | "
+                     f"{r['cache_views_per_s_w' + str(os.cpu_count() or 1)]:.0f} | {r['cache_vs_teacher_forward']:.2f}x | "
                      f"{r['cache_vs_shared_cores_bound']:.2f}x |")
     scale = {k: v for k, v in results.items() if k.startswith("cache_us_per_view_")}
     if scale:

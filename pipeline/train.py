@@ -37,13 +37,20 @@ def teacher_forward(teacher: nn.Module, x: torch.Tensor, device: torch.device, a
     The one forward of the cache stage and of the online teacher, so the two agree under every setting. On CUDA
     the input goes channels-last (pair it with `prepare_teacher`).
     """
+    return teacher_logits_on(teacher, x, device, amp).cpu()
+
+
+@torch.no_grad()
+def teacher_logits_on(teacher: nn.Module, x: torch.Tensor, device: torch.device, amp: str = "auto") -> torch.Tensor:
+    """`teacher_forward` without the copy back: float32 logits on `device` (on CUDA, queued: the caller may
+    queue the next batch before taking these to the host)."""
     teacher.eval()
     precision = resolve_amp(amp, device)
     x = x.to(device, non_blocking=True)
     if device.type == "cuda" and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=getattr(torch, precision, None), enabled=precision != "off"):
-        return teacher(x).float().cpu()
+        return teacher(x).float()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -59,16 +66,41 @@ def prepare_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
     return teacher.to(memory_format=torch.channels_last) if device.type == "cuda" else teacher
 
 
-def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device) -> DataLoader:
+def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device,
+                collated: bool = False):
     """A DataLoader over `sampler`'s pairs in batches of `batch_size` (None: `sampler` yields whole batches);
-    workers (if any) live as long as the loader.
+    workers (if any) live as long as the loader. Batches are `(x, y, samples, views[, logits])`.
 
     Its own generator keeps the loader from drawing on the global RNG, so the number of workers
-    never changes a result (the views themselves are seeded per (sample, view) by the replay).
+    never changes a result (the views themselves are seeded per (sample, view) by the replay). Where the
+    dataset replays `batched` (crops and flips of in-memory images), the workers send uint8 images and the
+    drawn parameters, and x is replayed on `device` (`BatchReplay.apply`; the same tensors as view by view).
+    `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are.
     """
     batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
-    return DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=device.type == "cuda", generator=torch.Generator())
+    plan = None if collated else getattr(dataset, "batched", None)
+    loader = DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator(),
+                        **({"collate_fn": _as_is} if plan is not None or collated else {}))
+    return loader if plan is None else _Replayed(loader, plan, device)
+
+
+def _as_is(batch):
+    return batch
+
+
+class _Replayed:
+    """A loader of `batched` ReplayDataset batches, each replayed on `device` as it is taken."""
+
+    def __init__(self, loader: DataLoader, plan, device: torch.device):
+        self.loader, self.plan, self.device = loader, plan, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, params, *rest in self.loader:
+            yield (self.plan.apply(images.to(self.device, non_blocking=True), params), *rest)
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -161,10 +193,14 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
 
     View v of sample i is `replay_view(images[i], transform, meta.seed, i, v)`. One pass of the loader runs
     over all the chunks' views (batches cross chunk boundaries, so the workers never drain between chunks);
-    a chunk is yielded as soon as its last view is in, so at most two chunks are held at a time.
+    a chunk is yielded as soon as its last view is in, so at most two chunks are held at a time. On the CPU
+    with `num_workers` > 0 each worker also runs the teacher on the batches it replays (one torch thread each, so
+    replay and forward share the cores without contending); elsewhere the workers replay and the teacher runs
+    here, a batch ahead of the copy back.
     """
     dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed)
     views = meta.num_views
+    on_workers = device.type == "cpu" and num_workers > 0
 
     def pairs(_epoch):
         for k in chunks:
@@ -172,14 +208,20 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
                 for v in range(views):
                     yield i, v
 
-    loader = make_loader(dataset, EpochSampler(pairs, len(images)), batch_size, num_workers, device)
+    sampler = EpochSampler(pairs, len(images))
+    if on_workers:  # each worker replays and runs the teacher (one torch thread each): the cores share both
+        loader = make_loader(_TeacherViews(dataset, teacher, meta.amp), sampler, batch_size, num_workers, device,
+                             collated=True)
+        logits_of = ((logits.numpy(), i.numpy(), v.numpy()) for logits, i, v in loader)
+    else:
+        logits_of = _one_batch_ahead(make_loader(dataset, sampler, batch_size, num_workers, device), teacher,
+                                     device, meta.amp)
     total = sum(stop - first for first, stop in map(meta.chunk_rows, chunks)) * views
     held: dict[int, list] = {}  # chunk -> [logits block, views filled]
     ready = iter(chunks)
     waiting = next(ready, None)
     with tqdm(total=total, desc="cache", unit="view", disable=distributed.rank() != 0) as bar:
-        for x, _, i, v in loader:
-            logits, i, v = teacher_forward(teacher, x, device, meta.amp).numpy(), i.numpy(), v.numpy()
+        for logits, i, v in logits_of:
             of = i // meta.chunk_samples
             for k in np.unique(of):
                 first, stop = meta.chunk_rows(int(k))
@@ -187,10 +229,42 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
                 rows = of == k
                 entry[0][i[rows] - first, v[rows]] = logits[rows]
                 entry[1] += int(rows.sum())
-            bar.update(len(x))
+            bar.update(len(i))
             while waiting is not None and waiting in held and held[waiting][1] == held[waiting][0].shape[0] * views:
                 yield waiting, held.pop(waiting)[0]
                 waiting = next(ready, None)
+
+
+class _TeacherViews(torch.utils.data.Dataset):
+    """A batch's views replayed and run through the teacher where the batch is fetched: in a DataLoader worker
+    on the CPU (the cache stage with `num_workers` > 0 there). Batches are (logits, samples, views)."""
+
+    def __init__(self, views: ReplayDataset, teacher: nn.Module, amp: str):
+        self.views, self.teacher, self.amp = views, teacher, amp
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitems__(self, pairs):
+        batch = self.views.__getitems__(pairs)
+        if self.views.batched is not None:
+            x, i, v = self.views.batched.apply(batch[0], batch[1]), batch[3], batch[4]
+        else:
+            x, _, i, v = torch.utils.data.default_collate(batch)
+        return teacher_forward(self.teacher, x, torch.device("cpu"), self.amp), i, v
+
+
+def _one_batch_ahead(loader, teacher: nn.Module, device: torch.device, amp: str):
+    """`(logits, samples, views)` numpy per loader batch, by `teacher_logits_on`; a batch's logits come back to
+    the host only once the next batch is queued, so on a GPU its forward overlaps the host's work (same values)."""
+    pending = None
+    for x, _, i, v in loader:
+        logits = teacher_logits_on(teacher, x, device, amp)
+        if pending is not None:
+            yield pending[0].cpu().numpy(), pending[1], pending[2]
+        pending = (logits, i.numpy(), v.numpy())
+    if pending is not None:
+        yield pending[0].cpu().numpy(), pending[1], pending[2]
 
 
 def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,

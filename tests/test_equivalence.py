@@ -8,10 +8,11 @@ import torch
 
 from pipeline.loss import kd_loss
 from pipeline.models import build_model
-from pipeline.replay import ReplayDataset
+from pipeline.data import input_transform
+from pipeline.replay import EpochSampler, ReplayDataset, build_augment, replay_view
 from pipeline.store import LogitStore
-from pipeline.train import distill, online_targets, store_targets
-from conftest import EVAL, TRANSFORM, make_store, write_params
+from pipeline.train import distill, make_loader, online_targets, store_targets, teacher_forward
+from conftest import EVAL, MEAN, STD, TRANSFORM, make_store, write_params
 from pipeline.params import load_params
 
 CPU = torch.device("cpu")
@@ -137,3 +138,54 @@ def test_windowed_shuffle_visits_every_sample_once_and_reads_the_same_from_disk_
                 seed=0, device=CPU, chunk_samples=16, prefetch=prefetch, num_workers=workers)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     assert all(torch.equal(weights[0], w) for w in weights[1:])
+
+
+CROP_FLIP = [{"RandomCrop": {"size": 8, "padding": 1}}, {"RandomHorizontalFlip": {}}]
+
+
+def test_batched_replay_stores_the_logits_of_replay_views(teacher, train_subset, tmp_path):
+    """Crops and flips are replayed a batch at a time (`BatchReplay`): the store holds the teacher's logits for
+    exactly `replay_view`'s inputs, bit for bit (same batches of 40, in the cache's order)."""
+    transform = input_transform(build_augment(CROP_FLIP), MEAN, STD)
+    assert ReplayDataset(train_subset.images, train_subset.labels, transform, 7).batched is not None
+    store = LogitStore(make_store(tmp_path / "s.zarr", "zarr", "float32", teacher, train_subset, augment=CROP_FLIP))
+    pairs = [(i, v) for i in range(96) for v in range(3)]
+    x = torch.stack([replay_view(train_subset.images[i], transform, 7, i, v) for i, v in pairs])
+    expected = torch.cat([teacher_forward(teacher, x[s:s + 40], CPU) for s in range(0, len(x), 40)])
+    stored = store.read(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))
+    np.testing.assert_array_equal(stored, expected.numpy())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batched_replay_feeds_the_student_the_same_batches(train_subset, workers):
+    transform = input_transform(build_augment(CROP_FLIP), MEAN, STD)
+    order = np.random.default_rng(0).permutation(96)
+    sampler = EpochSampler(lambda e: [(int(i), int(e + i) % 3) for i in order], 96)
+    got = {}
+    for batched in (True, False):
+        dataset = ReplayDataset(train_subset.images, train_subset.labels, transform, 7, batched=batched)
+        assert (dataset.batched is not None) == batched
+        got[batched] = [list(b) for b in make_loader(dataset, sampler, 16, workers, CPU)]
+    assert len(got[True]) == 6
+    for a, b in zip(got[True], got[False]):
+        for u, w in zip(a, b):
+            assert torch.equal(u, w)
+
+
+@pytest.mark.parametrize("augment", ["affine", "crop_flip"])
+def test_cache_workers_running_the_teacher_write_the_same_store(teacher, train_subset, tmp_path, augment):
+    """On the CPU with num_workers > 0, the workers replay and run the teacher (one torch thread each): the
+    store is the one the main process alone writes, bit for bit."""
+    from conftest import AUGMENT
+    from pipeline.params import CacheParams
+    from pipeline.train import cache_teacher_logits
+
+    spec = AUGMENT if augment == "affine" else CROP_FLIP
+    cfg = CacheParams(num_views=2, seed=3, format="zarr", dtype="float32", storage="full", top_k=1,
+                      chunk_samples=32, batch_size=40, amp="auto")
+    stored = []
+    for workers in (0, 2):
+        path = tmp_path / f"w{workers}.zarr"
+        cache_teacher_logits(path, cfg, teacher, "cnn", train_subset, 10, spec, MEAN, STD, CPU, num_workers=workers)
+        stored.append(LogitStore(path).read(np.repeat(np.arange(96), 2), np.tile(np.arange(2), 96)))
+    np.testing.assert_array_equal(stored[0], stored[1])

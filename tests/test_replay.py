@@ -8,7 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline import KDError
-from pipeline.replay import ReplayDataset, build_augment, epoch_pairs, epoch_views, replay_view
+import numpy as np
+
+from pipeline.data import input_transform
+from pipeline.replay import BatchReplay, ReplayDataset, build_augment, epoch_pairs, epoch_views, replay_view
 
 # Every random torchvision v2 transform family a user is likely to configure, as params.yaml would say it.
 SPECS = {
@@ -122,3 +125,39 @@ def test_readme_replay_snippet_rebuilds_the_cached_view():
     ours = replay_view(image, input_transform(build_augment(augment), mean, std), 5, 11, 3)
     theirs = namespace["replayed_view"](image, json.dumps(augment), mean, std, 5, 11, 3)
     assert torch.equal(ours, theirs)
+
+
+CROPS_AND_FLIPS = {
+    "cifar": [{"RandomCrop": {"size": 32, "padding": 4}}, {"RandomHorizontalFlip": {"p": 0.5}}],
+    "flip first, uneven padding": [{"RandomHorizontalFlip": {}}, {"RandomCrop": {"size": [28, 30], "padding": [1, 2, 3, 4]}},
+                                   {"RandomVerticalFlip": {"p": 0.3}}],
+    "two crops, pad if needed": [{"RandomCrop": {"size": 24}}, {"RandomCrop": {"size": 30, "pad_if_needed": True}},
+                                 {"RandomHorizontalFlip": {"p": 1.0}}],
+    "no augmentation": [],
+    "crop without padding": [{"RandomCrop": {"size": 20}}],
+}
+
+
+@pytest.mark.parametrize("name", CROPS_AND_FLIPS)
+def test_batched_replay_equals_replay_view_bit_for_bit(name):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    transform = input_transform(build_augment(CROPS_AND_FLIPS[name]), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    plan = BatchReplay.of(transform)
+    assert plan is not None
+    samples, views = np.repeat(np.arange(6), 4), np.tile(np.arange(4), 6)
+    state = torch.default_generator.get_state()
+    batch = plan.apply(images[samples], plan.draw(7, samples, views, images.shape[1:]))
+    assert torch.equal(torch.default_generator.get_state(), state)
+    one_by_one = torch.stack([replay_view(images[i], transform, 7, int(i), int(v)) for i, v in zip(samples, views)])
+    assert batch.dtype == one_by_one.dtype and batch.is_contiguous()
+    assert torch.equal(batch, one_by_one)
+    if CROPS_AND_FLIPS[name]:
+        assert len({x.sum().item() for x in batch}) > 4, "views should differ"
+
+
+@pytest.mark.parametrize("augment", [[{"RandomAffine": {"degrees": 10}}], [{"ColorJitter": {"brightness": 0.2}}],
+                                     [{"RandomCrop": {"size": 28, "padding": 2, "padding_mode": "reflect"}}],
+                                     [{"RandomCrop": {"size": 28, "padding": 2, "fill": 1}}]])
+def test_batched_replay_is_refused_for_other_transforms(augment):
+    assert BatchReplay.of(input_transform(build_augment(augment), (0.5,), (0.25,))) is None

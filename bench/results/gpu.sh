@@ -12,10 +12,11 @@ SITE=${PYTHONPATH:-}
 export PYTHONPATH=${SITE:+$SITE:}$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__, torch.cuda.get_device_name())"
-python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 --amps off,float16 \
+python3 bench/replay_check.py --device cuda
+python3 bench/cache_throughput.py --device cuda --workers 8 --repeats ${REPEATS:-3} --amps off,float16 \
     --append "$OUT/gpu_cache.md" --json "$OUT/gpu.json"
 if [ -d gpu-old/pipeline ]; then
   PYTHONPATH=${SITE:+$SITE:}$PWD/gpu-old python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 \
       --amps float16 --append "$OUT/gpu_cache_old.md" --json "$OUT/gpu_old.json"
 fi
-python3 bench/distill_ooc.py --device cuda --repeats 2 --append "$OUT/gpu_ooc.md" --json "$OUT/gpu.json"
+python3 bench/distill_ooc.py --device cuda --repeats ${OOC_REPEATS:-2} --append "$OUT/gpu_ooc.md" --json "$OUT/gpu.json"

@@ -1,0 +1,46 @@
+"""Batched replay on a device against `replay_view` on the CPU, bit for bit (the GPU check of BatchReplay; the
+CPU one is tests/test_replay.py). Prints one line per augmentation and exits 1 on any difference.
+
+Usage: python bench/replay_check.py [--device cuda]
+"""
+
+import sys
+
+import click
+import numpy as np
+import torch
+
+from pipeline.data import input_transform
+from pipeline.replay import BatchReplay, build_augment, replay_view
+
+SPECS = {
+    "cifar crop + flip": [{"RandomCrop": {"size": 32, "padding": 4}}, {"RandomHorizontalFlip": {"p": 0.5}}],
+    "flip, uneven crop, vflip": [{"RandomHorizontalFlip": {}},
+                                 {"RandomCrop": {"size": [28, 30], "padding": [1, 2, 3, 4]}},
+                                 {"RandomVerticalFlip": {"p": 0.3}}],
+    "no augmentation": [],
+}
+
+
+@click.command()
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--views", default=4096, show_default=True)
+def main(device, views):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (views // 4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    samples, view = np.repeat(np.arange(len(images)), 4), np.tile(np.arange(4), len(images))
+    failed = False
+    for name, spec in SPECS.items():
+        transform = input_transform(build_augment(spec), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+        plan = BatchReplay.of(transform)
+        got = plan.apply(images[samples].to(device), plan.draw(5, samples, view, images.shape[1:])).cpu()
+        want = torch.stack([replay_view(images[i], transform, 5, int(i), int(v)) for i, v in zip(samples, view)])
+        same = torch.equal(got, want)
+        failed |= not same
+        print(f"{name}: {views} views on {device}: {'bit for bit equal' if same else 'DIFFER'} "
+              f"(max abs difference {(got - want).abs().max().item():.3g})")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
