@@ -161,15 +161,17 @@ def measure_device(name: str, repeats: int, root: Path, device: torch.device, am
             f"gpu_cache_vs_teacher_forward_{name}_{amp}": med["cache"] / med["forward"]}
 
 
-def device_section(results: dict, repeats: int, workers: int, device: torch.device) -> list[str]:
+def device_section(results: dict, repeats: int, workers: int, device: torch.device, batch: int) -> list[str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     lines = ["", f"## The cache stage on a GPU ({name})", "",
-             f"`python bench/cache_throughput.py --device {device} --workers {workers} --repeats {repeats}` "
+             f"`python bench/cache_throughput.py --device {device} --workers {workers} --repeats {repeats} "
+             f"--batch {batch}` "
              f"({', '.join(f'{n}: {DEVICE_PAIRS[n][1]} samples' for n in DEVICE_PAIRS)}) "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPU cores, torch "
              f"{torch.__version__}): views per second, medians of {repeats} alternated repeats, {VIEWS} views per "
-             f"sample, 3x32x32 synthetic uint8 images with crop + flip replayed in {workers} DataLoader workers, "
-             "batch 512, real zarr stores (float16).", "",
+             f"sample, 3x32x32 synthetic uint8 images with crop + flip (`BatchReplay`: drawn in {workers} DataLoader "
+             "workers, applied on the GPU), "
+             f"batch {batch}, real zarr stores (float16).", "",
              "| teacher | amp | teacher forward alone | cache stage | cache / teacher forward |", "|---|---|---|---|---|"]
     for name in DEVICE_PAIRS:
         for amp in ("off", "float16", "bfloat16"):
@@ -207,7 +209,8 @@ def scaling(root: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--amps", default="off,float16,bfloat16", show_default=True, help="GPU table: precisions to time.")
 @click.option("--pairs", "pair_names", default=",".join(DEVICE_PAIRS), show_default=True, help="GPU table: pairs.")
 @click.option("--samples", default=0, help="GPU table: samples per pair (0: the pair's default).")
-def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_names, samples):
+@click.option("--batch", default=512, show_default=True, help="GPU table: batch size (forward alone and cache).")
+def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_names, samples, batch):
     os.environ.setdefault("TQDM_DISABLE", "1")
     results = {}
     if device_name != "cpu":
@@ -218,9 +221,9 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
                 if samples:
                     DEVICE_PAIRS[name] = (DEVICE_PAIRS[name][0], samples)
                 for amp in amps.split(",") if device.type == "cuda" else ("off",):
-                    results.update(measure_device(name, repeats, Path(tmp), device, amp, workers))
+                    results.update(measure_device(name, repeats, Path(tmp), device, amp, workers, batch))
                     print({k: round(v, 3) for k, v in results.items() if name in k and amp in k}, flush=True)
-        return publish(device_section(results, repeats, workers, device), results, out, json_path)
+        return publish(device_section(results, repeats, workers, device, batch), results, out, json_path)
     with tempfile.TemporaryDirectory() as tmp:
         for name in PAIRS:
             results.update(measure_pair(name, repeats, Path(tmp)))
@@ -230,7 +233,7 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
              f"`python bench/cache_throughput.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}): views per second, medians of "
              f"{repeats} alternated repeats, {VIEWS} views per sample, synthetic uint8 images, real zarr stores.", "",
-             f"| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, {cores} workers "
+             f"| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, {os.cpu_count() or 1} workers "
              "| cache / teacher forward | cache / bound |", "|---|---|---|---|---|---|---|---|"]
     for name in PAIRS:
         r = {k.replace(f"_{name}", ""): v for k, v in results.items() if name in k}
