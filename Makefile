@@ -32,6 +32,7 @@ bench: install
 	python bench/integrity.py --append BENCHMARKS.md
 	python bench/topk.py --append BENCHMARKS.md
 	python bench/cache_throughput.py --append BENCHMARKS.md --json bench/results.json
+	python bench/zarr_codecs.py --append BENCHMARKS.md --json bench/results.json
 	python bench/distill_ooc.py --append BENCHMARKS.md --json bench/results.json
 
 clean:

@@ -93,20 +93,24 @@ def table(rows: list[dict], classes: int, title: str) -> list[str]:
 @click.option("--store", default=None, help="A full store whose logits to compress (e.g. runs/cifar10/logits.zarr).")
 @click.option("--samples", default=2000, show_default=True)
 @click.option("--append", "out", default=None, help="Append the markdown section to this file.")
-def main(store, samples, out):
+@click.option("--ks", default="1,2,3,5", show_default=True, help="K values for the real store's table.")
+@click.option("--synthetic/--no-synthetic", default=True, show_default=True, help="The synthetic teacher's table.")
+def main(store, samples, out, ks, synthetic):
     lines = ["", "## Compact storage for many classes: top-K logits and a tail summary", "",
-             f"`python bench/topk.py{' --store ' + store if store else ''}` "
+             f"`python bench/topk.py{' --store ' + store if store else ''}"
+             f"{'' if ks == '1,2,3,5' else ' --ks ' + ks}{'' if synthetic else ' --no-synthetic'}` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). " + " ".join(__doc__.split("\n\n")[1].split("\n", 1)[1].split()),
              "Bytes per view: K float16 logits + K int16 indices + 6 float16 tail values (the baselines need "
              "1 tail value, 10 bytes less).", ""]
-    teacher = synthetic_teacher(samples)
-    lines += table(errors(teacher, (5, 20, 100)), 1000, "Synthetic teacher") + [""]
+    if synthetic:
+        lines += table(errors(synthetic_teacher(samples), (5, 20, 100)), 1000, "Synthetic teacher") + [""]
     if store:
         import zarr
 
         logits = zarr.open_group(store, mode="r")["logits"]  # read raw: any format version of a full store
         real = np.asarray(logits[:samples, 0]).astype(np.float32)
-        lines += table(errors(real, (1, 2, 3, 5)), real.shape[-1], f"Real teacher ({store}, view 0)") + [""]
+        lines += table(errors(real, [int(k) for k in ks.split(",")]), real.shape[-1],
+                       f"Real teacher ({store}, view 0)") + [""]
     publish(lines, append_to=out)
 
 

@@ -84,6 +84,7 @@ class DistillParams:
     ce_weight: float
     view_schedule: str
     shuffle_chunks: int
+    topk_tail: str
     epochs: int
     batch_size: int
     optimizer: OptimParams
@@ -180,6 +181,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("distill.ce_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("distill.view_schedule", lambda v: v in ("cycle", "random"), "cycle or random"),
     ("distill.shuffle_chunks", lambda v: v >= 0, "an integer >= 0 (0: full shuffle)"),
+    ("distill.topk_tail", lambda v: v in ("none", "summary"), "none or summary"),
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("distill.batch_size", lambda v: v >= 1, "an integer >= 1"),
     *_optim_rules("distill.optimizer"),

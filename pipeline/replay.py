@@ -222,18 +222,21 @@ class ReplayDataset(torch.utils.data.Dataset):
     def __getitems__(self, pairs):
         """A batch's items; with `targets`, each also carries its teacher logits, read for the batch at once
         (so in DataLoader workers the store's reads run beside the training step). With `batched`: one tuple
-        (uint8 images, BatchReplay params, labels, samples, views[, logits]) for `BatchReplay.apply`."""
+        (uint8 images, BatchReplay params, labels, samples, views[, logits]) for `BatchReplay.apply`, all but
+        the images as numpy arrays: from a worker they then travel pickled, where each tensor costs a round trip
+        to the worker for its shared-memory handle (measured on a GPU host, that round trip bounded the loader)."""
         samples = np.fromiter((p[0] for p in pairs), np.int64, len(pairs))
         views = np.fromiter((p[1] for p in pairs), np.int64, len(pairs))
-        logits = torch.from_numpy(self.targets.read(samples, views)) if self.targets is not None else None
+        logits = self.targets.read(samples, views) if self.targets is not None else None
         if self.batched is not None:
-            index = torch.from_numpy(samples)
-            images = self.images[index]
-            batch = (images, torch.from_numpy(self.batched.draw(self.seed, samples, views, images.shape[1:])),
-                     self.labels[index], index, torch.from_numpy(views))
+            images = self.images[torch.from_numpy(samples)]
+            batch = (images, self.batched.draw(self.seed, samples, views, images.shape[1:]),
+                     self.labels.numpy()[samples], samples, views)
             return batch if logits is None else (*batch, logits)
         items = [self[pair] for pair in pairs]
-        return items if logits is None else [(*item, row) for item, row in zip(items, logits)]
+        if logits is None:
+            return items
+        return [(*item, row) for item, row in zip(items, torch.from_numpy(logits))]
 
 
 class EpochSampler(torch.utils.data.Sampler):

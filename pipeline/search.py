@@ -95,7 +95,7 @@ def run_trial(store, train, val, cfg: DistillParams, temperature: float, kd_weig
     transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
     scores = []
     try:
-        distill(student, train, val, store_targets(store, temperature), transform,
+        distill(student, train, val, store_targets(store, temperature, cfg.topk_tail), transform,
                 input_transform(None, meta.mean, meta.std), meta.seed, meta.num_views, run, kd_weight=kd_weight,
                 seed=seed, device=device, num_workers=num_workers, chunk_samples=meta.chunk_samples,
                 log=lambda epoch, metrics: scores.append(metrics["val_acc"]), progress=False)

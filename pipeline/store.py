@@ -205,16 +205,18 @@ class LogitStore:
                                  f"({name} holds {values[tuple(where)]}): a chunk is missing (it reads as a fill "
                                  "value) or the store holds NaN/inf; rebuild it with `kd cache`")
 
-    def read(self, samples: np.ndarray, views: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    def read(self, samples: np.ndarray, views: np.ndarray, temperature: float = 1.0,
+             tail: str = "summary") -> np.ndarray:
         """Teacher logits (B, C) for pairs (samples[b], views[b]), one sorted read per batch: the stored logits
-        (in the store's dtype), or for a top-K store the logits `pipeline.topk.decode` rebuilds for `temperature`."""
+        (in the store's dtype), or for a top-K store the logits `pipeline.topk.decode` rebuilds for `temperature`
+        with `tail`."""
         samples, views = np.asarray(samples), np.asarray(views)
         if self.in_memory:
             stored = {name: a[samples, views] for name, a in self._arrays.items()}
         else:
             stored = self._read_through_chunks(samples, views)
             self._check_finite(stored, samples)
-        return topk.decode(self.meta.storage, stored, temperature, self.meta.num_classes)
+        return topk.decode(self.meta.storage, stored, temperature, self.meta.num_classes, tail)
 
     def _read_through_chunks(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Gather from whole decoded chunks, kept in an LRU cache within the memory budget: with the windowed

@@ -100,7 +100,8 @@ class _Replayed:
 
     def __iter__(self):
         for images, params, *rest in self.loader:
-            yield (self.plan.apply(images.to(self.device, non_blocking=True), params), *rest)
+            yield (self.plan.apply(images.to(self.device, non_blocking=True), params),
+                   *(torch.from_numpy(a) for a in rest))
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -212,7 +213,7 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
     if on_workers:  # each worker replays and runs the teacher (one torch thread each): the cores share both
         loader = make_loader(_TeacherViews(dataset, teacher, meta.amp), sampler, batch_size, num_workers, device,
                              collated=True)
-        logits_of = ((logits.numpy(), i.numpy(), v.numpy()) for logits, i, v in loader)
+        logits_of = iter(loader)
     else:
         logits_of = _one_batch_ahead(make_loader(dataset, sampler, batch_size, num_workers, device), teacher,
                                      device, meta.amp)
@@ -237,7 +238,8 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
 
 class _TeacherViews(torch.utils.data.Dataset):
     """A batch's views replayed and run through the teacher where the batch is fetched: in a DataLoader worker
-    on the CPU (the cache stage with `num_workers` > 0 there). Batches are (logits, samples, views)."""
+    on the CPU (the cache stage with `num_workers` > 0 there). Batches are numpy (logits, samples, views): from a
+    worker they travel pickled, where each tensor would cost a round trip to the worker for its memory handle."""
 
     def __init__(self, views: ReplayDataset, teacher: nn.Module, amp: str):
         self.views, self.teacher, self.amp = views, teacher, amp
@@ -251,7 +253,8 @@ class _TeacherViews(torch.utils.data.Dataset):
             x, i, v = self.views.batched.apply(batch[0], batch[1]), batch[3], batch[4]
         else:
             x, _, i, v = torch.utils.data.default_collate(batch)
-        return teacher_forward(self.teacher, x, torch.device("cpu"), self.amp), i, v
+            i, v = i.numpy(), v.numpy()
+        return teacher_forward(self.teacher, x, torch.device("cpu"), self.amp).numpy(), i, v
 
 
 def _one_batch_ahead(loader, teacher: nn.Module, device: torch.device, amp: str):
@@ -340,32 +343,32 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
 
 class StoreTargets:
     """Teacher logits read from a store for a batch's (sample, view) pairs (a top-K store's rebuilt for
-    `temperature`, the run's T): `targets(x, samples, views)`.
+    `temperature`, the run's T, with `tail`: `pipeline.topk.decode`): `targets(x, samples, views)`.
 
     In a DataLoader worker process it reads through its own handle, opened on first use there (h5py handles
     must not cross a fork), with `worker_budget` bytes of chunk cache.
     """
 
-    def __init__(self, store: LogitStore, temperature: float = 1.0, worker_budget: int = 0):
-        self.store, self.temperature, self.worker_budget = store, temperature, worker_budget
+    def __init__(self, store: LogitStore, temperature: float = 1.0, worker_budget: int = 0, tail: str = "summary"):
+        self.store, self.temperature, self.worker_budget, self.tail = store, temperature, worker_budget, tail
         self._pid = os.getpid()
 
     def in_workers(self, num_workers: int) -> "StoreTargets":
         """The same targets for `num_workers` DataLoader workers, each with a 1/num_workers share of the budget."""
-        return StoreTargets(self.store, self.temperature, self.store.max_memory_bytes // num_workers)
+        return StoreTargets(self.store, self.temperature, self.store.max_memory_bytes // num_workers, self.tail)
 
     def read(self, samples: np.ndarray, views: np.ndarray) -> np.ndarray:
         if os.getpid() != self._pid:  # a forked worker: its own handle and chunk cache
             self.store, self._pid = LogitStore(self.store.path, self.worker_budget), os.getpid()
-        return self.store.read(samples, views, self.temperature)
+        return self.store.read(samples, views, self.temperature, self.tail)
 
     def __call__(self, x, samples: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.read(samples.numpy(), views.numpy()))
 
 
-def store_targets(store: LogitStore, temperature: float = 1.0) -> StoreTargets:
-    """`StoreTargets` of `store` at `temperature`."""
-    return StoreTargets(store, temperature)
+def store_targets(store: LogitStore, temperature: float = 1.0, tail: str = "summary") -> StoreTargets:
+    """`StoreTargets` of `store` at `temperature` (and, for a top-K store, `tail`: distill.topk_tail)."""
+    return StoreTargets(store, temperature, tail=tail)
 
 
 def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") -> Targets:

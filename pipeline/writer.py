@@ -68,14 +68,12 @@ class StoreWriter:
         rows = max(1, min(meta.chunk_samples, meta.num_samples))
         attrs = {**meta.to_attrs(), "complete": False}
         if self.fmt == "zarr":
-            from zarr.codecs import Crc32cCodec, ZstdCodec
-
             group = open_zarr(self.tmp, mode="w")
             group.attrs.update(attrs)
             self._arrays = {name: group.create_array(name, shape=(meta.num_samples, meta.num_views, width),
                                                      chunks=(rows, meta.num_views, width), dtype=dtype,
                                                      fill_value=_fill(dtype),
-                                                     compressors=[ZstdCodec(level=1), Crc32cCodec()])
+                                                     compressors=_zarr_codecs(dtype))
                             for name, (width, dtype) in meta.arrays().items()}
             group.create_array("labels", data=labels)
             self._done = group.create_array("chunks_done", shape=(meta.num_chunks,), chunks=(1,), dtype=bool,
@@ -202,3 +200,12 @@ def _remove(path: Path) -> None:
 def _fill(dtype: str):
     """The fill value of never-written chunks: NaN for logits, -1 for class indices (both refused on read)."""
     return np.nan if np.dtype(dtype).kind == "f" else -1
+
+
+def _zarr_codecs(dtype: str) -> list:
+    """A zarr array's codecs: always a crc32c checksum; zstd only for integer arrays (top-K class indices shrink to
+    ~0.3x). Logits hardly compress (float16 logits of real teachers to 0.88-0.93x), and zstd would make each chunk
+    2.5x slower to decode, which a store read from disk pays every epoch (`python bench/zarr_codecs.py`)."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [Crc32cCodec()] if np.dtype(dtype).kind == "f" else [ZstdCodec(level=1), Crc32cCodec()]

@@ -37,7 +37,8 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
                 raise KDError("distill.teacher_source is cache but no --cache store was given")
             store = open_run_store(cache_path, params.memory_mb, teacher, data, augment, replay_seed, num_views,
                                    params.cache.chunk_samples)
-            targets, prefetch = store_targets(store, cfg.temperature), 0 if store.in_memory else PREFETCH
+            targets = store_targets(store, cfg.temperature, cfg.topk_tail)
+            prefetch = 0 if store.in_memory else PREFETCH
             if not store.in_memory and distributed.rank() == 0:
                 _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
         else:

@@ -26,3 +26,22 @@ def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
     for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_peak_rss_mb",
                 "distill_memory_vs_oracle", "distill_oracle_vs_floor"):
         assert key in keys
+
+
+def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
+    from pipeline.sources import load_source
+    from test_sources import write_mnist
+
+    write_mnist(tmp_path / "mnist", gz=True, train=5, test=3)
+    subprocess.run([sys.executable, str(ROOT / "bench/mnist_pairs.py"), "--mnist", str(tmp_path / "mnist"), "--out",
+                    str(tmp_path / "pairs"), "--train", "12", "--test", "4"], check=True, capture_output=True, cwd=ROOT)
+    source = load_source("cifar100", tmp_path / "pairs")
+    assert source.train_images.shape == (12, 3, 32, 32) and source.test_images.shape == (4, 3, 32, 32)
+    assert len(source.classes) == 100 and source.classes[37] == "37"
+    assert 0 <= source.train_labels.min() and source.train_labels.max() < 100
+
+
+def test_batched_replay_check_runs_on_the_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/replay_check.py"), "--device", "cpu", "--views", "64"],
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.count("bit for bit equal") == 3

@@ -69,8 +69,10 @@ def test_an_interrupted_search_resumes_under_dvc_repro(project):
     full = csv.read_text().splitlines()
     csv.write_text("\n".join(full[:3]) + "\n")  # as if stopped after two trials
     out = run([str(BIN / "dvc"), "repro"], root)
-    # the search resumes; the report, which embeds the search's figure and table, is rebuilt
-    assert ran(out) == {"search", "evaluate"} and "2 of 3 trials kept from an earlier run, 1 run now" in out
+    # the search resumes, and nothing upstream re-runs; the report, which embeds the search's table, is rebuilt
+    # when the table changed (a trial re-run can give the same rounded seconds, and then the same table)
+    assert "search" in ran(out) and ran(out) <= {"search", "evaluate"}
+    assert "2 of 3 trials kept from an earlier run, 1 run now" in out
     strip = lambda lines: [line.rsplit(",", 2)[0::2] for line in lines]  # noqa: E731
     assert strip(csv.read_text().splitlines()) == strip(full)  # all but the seconds column
     assert "Running stage" not in run([str(BIN / "dvc"), "repro"], root)

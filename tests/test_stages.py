@@ -137,22 +137,22 @@ def test_failed_cache_leaves_no_store(workdir, monkeypatch):
     every_pair = np.repeat(np.arange(old.meta.num_samples), 2), np.tile(np.arange(2), old.meta.num_samples)
     old_meta, old_logits = old.meta, old.read(*every_pair)
 
-    teacher_forward, calls = pipeline.train.teacher_forward, []
+    teacher_logits_on, calls = pipeline.train.teacher_logits_on, []
 
-    def fails_on_the_second_chunk(teacher, x, device, amp):  # one call per chunk: batch = chunk_samples x 2 views
+    def fails_on_the_third_batch(teacher, x, device, amp):  # one batch per chunk: chunk_samples x 2 views
         calls.append(len(x))
-        if len(calls) == 2:  # the first chunk has been written (to <out>.partial today): the write is under way
+        if len(calls) == 3:  # a batch's logits are taken once the next is queued: chunk 1 is being written
             raise RuntimeError("boom")
-        return teacher_forward(teacher, x, device, amp)
+        return teacher_logits_on(teacher, x, device, amp)
 
-    monkeypatch.setattr(pipeline.train, "teacher_forward", fails_on_the_second_chunk)
+    monkeypatch.setattr(pipeline.train, "teacher_logits_on", fails_on_the_third_batch)
     reseeded = write_params(workdir / "reseeded.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200,
                                                           "cache.seed": 1})  # other logits than old.zarr's
     for out in ("new.zarr", "old.zarr"):
         calls.clear()
         result = invoke("cache", "--params", reseeded, "--out", out)
         assert isinstance(result.exception, RuntimeError) and str(result.exception) == "boom", result.output
-        assert result.exit_code != 0 and calls == [200, 200]
+        assert result.exit_code != 0 and calls == [200, 200, 200]
     assert not (workdir / "new.zarr").exists()
     kept = LogitStore("old.zarr")
     assert kept.meta == old_meta and np.array_equal(kept.read(*every_pair), old_logits)

@@ -63,9 +63,32 @@ def test_loss_from_a_top_k_store_equals_the_formula_on_the_full_logits(fmt, teac
     student = torch.randn(len(pairs), 10)
     full = online_targets(teacher, CPU)(x, samples, views).numpy()
     for T in (1.0, 3.0, 20.0):
-        from_store = kd_loss(student, store_targets(store, T)(x, samples, views), y, T, 2.0)
-        formula = kd_loss(student, torch.from_numpy(topk.decode("topk", topk.encode("topk", full, 3), T, 10)), y, T, 2.0)
-        assert abs(from_store - formula).item() <= 1e-5 * formula.item()
+        for tail in topk.TAILS:
+            from_store = kd_loss(student, store_targets(store, T, tail)(x, samples, views), y, T, 2.0)
+            decoded = topk.decode("topk", topk.encode("topk", full, 3), T, 10, tail)
+            formula = kd_loss(student, torch.from_numpy(decoded), y, T, 2.0)
+            assert abs(from_store - formula).item() <= 1e-5 * formula.item()
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 4.0, 100.0])
+def test_tail_none_is_the_renormalised_top_k_with_a_finite_loss(logits, T):
+    """distill.topk_tail none: the top-K classes keep their probability ratios, the tail gets exactly 0, and the
+    KD loss on it is finite and equals KL against the renormalised top K."""
+    k = 5
+    decoded = topk.decode("topk", topk.encode("topk", logits, k), T, logits.shape[1], "none")
+    q = torch.softmax(torch.from_numpy(decoded) / T, dim=1).numpy()
+    top = np.argsort(-logits, axis=1)[:, :k]
+    expected = np.zeros_like(q, dtype=np.float64)
+    np.put_along_axis(expected, top, softmax(np.take_along_axis(logits, top, 1), T), axis=1)
+    np.testing.assert_allclose(q, expected, rtol=1e-5, atol=0)
+    assert (q[expected == 0] == 0).all()
+    student = torch.randn(logits.shape)
+    loss = kd_loss(student, torch.from_numpy(decoded), torch.zeros(len(logits), dtype=torch.long), T, 1.0)
+    log_qs = torch.log_softmax(student / T, 1).double().numpy()
+    kl = (expected * (np.log(np.where(expected > 0, expected, 1)) - log_qs)).sum(1).mean()
+    ce = torch.nn.functional.cross_entropy(student, torch.zeros(len(logits), dtype=torch.long)).item()
+    assert np.isfinite(loss.item())
+    assert abs(loss.item() - (ce + T ** 2 * kl)) <= 1e-4 * loss.item()
 
 
 def test_top_k_store_is_smaller(teacher, train_subset, tmp_path):

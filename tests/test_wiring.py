@@ -37,10 +37,11 @@ READ_NOT_DECLARED = {
                "distill.epochs": "trials train search.epochs epochs",
                "distill.teacher_source": "trials always read the store"},
 }
-# The baseline trains the student alone (kd_weight 0): T, λ and α are unused, and teacher_source (and cache.amp, the
-# online teacher's precision) only shape the never-used targets. Its code reads them; it must not re-run.
+# The baseline trains the student alone (kd_weight 0): T, λ and α are unused, and teacher_source, topk_tail (and
+# cache.amp, the online teacher's precision) only shape the never-used targets. Its code reads them; it must not
+# re-run.
 BASELINE_EXCLUDED = {"distill.temperature", "distill.kd_weight", "distill.ce_weight", "distill.teacher_source",
-                     "cache.amp"}
+                     "distill.topk_tail", "cache.amp"}
 # Declared keys the code does not read, with the reason: none today.
 DECLARED_NOT_READ: dict[str, dict[str, str]] = {}
 # Non-code deps found through params rather than the command line: dep -> the param key that locates it.
