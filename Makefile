@@ -28,9 +28,9 @@ test: install
 	pytest -q
 
 bench: install
-	python bench/throughput.py --out BENCHMARKS.md
-	python bench/integrity.py --append BENCHMARKS.md
-	python bench/topk.py --append BENCHMARKS.md
+	python bench/throughput.py --out BENCHMARKS.md --json bench/results.json
+	python bench/integrity.py --append BENCHMARKS.md --json bench/results.json
+	python bench/topk.py --append BENCHMARKS.md --json bench/results.json
 	python bench/cache_throughput.py --append BENCHMARKS.md --json bench/results.json
 	python bench/zarr_codecs.py --append BENCHMARKS.md --json bench/results.json
 	python bench/distill_ooc.py --append BENCHMARKS.md --json bench/results.json

@@ -7,6 +7,7 @@ hits both alike. Cases: the whole store loaded into memory (what `LogitStore` do
 shuffled on-disk batches of 256 samples (one sorted read per batch, as `LogitStore.read`).
 """
 
+import re
 import statistics
 import tempfile
 import time
@@ -16,7 +17,9 @@ import click
 import h5py
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
+
+from output import publish
 
 SHAPES = {"digits-like (50k x 8 views x 10 classes)": (50_000, 8, 10),
           "ImageNet-like rows (5k x 8 views x 1000 classes)": (5_000, 8, 1000)}
@@ -28,7 +31,7 @@ def write(root: Path, shape, checksum: bool) -> dict:
     rng = np.random.default_rng(0)
     data = rng.normal(0, 3, shape).astype(np.float16)
     tag = "crc" if checksum else "plain"
-    compressors = [ZstdCodec(level=1), Crc32cCodec()] if checksum else [ZstdCodec(level=1)]
+    compressors = [Crc32cCodec()] if checksum else None  # as the store's float arrays (pipeline/writer.py)
     group = zarr.open_group(str(root / f"{tag}.zarr"), mode="w")
     z = group.create_array("logits", shape=shape, chunks=(CHUNK, *shape[1:]), dtype="float16", fill_value=np.nan,
                            compressors=compressors)
@@ -48,7 +51,10 @@ def timed(fn) -> float:
 @click.command()
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--append", "out", default=None, help="Append the markdown section to this file.")
-def main(repeats, out):
+@click.option("--json", "json_path", default=None,
+              help="Merge the ratios into this flat JSON object (keys integrity_ratio_<store>_<format>_<read>).")
+def main(repeats, out, json_path):
+    results = {}
     lines = ["| store | format | read | with checks (s) | without (s) | ratio | finite check alone (s) |",
              "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +86,8 @@ def main(repeats, out):
                     lines.append(f"| {name} | {fmt} | {read_name} | {with_ + fin:.4f} | {without:.4f} | "
                                  f"{(with_ + fin) / without:.2f}x | {fin:.4f} |")
                     print(lines[-1], flush=True)
+                    results[f"integrity_ratio_{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}_{fmt}_{'whole' if read_name.startswith('whole') else 'batches'}"] = \
+                        (with_ + fin) / without
             arrays[True]["hdf5"].file.close()
             arrays[False]["hdf5"].file.close()
     if out:
@@ -92,6 +100,8 @@ def main(repeats, out):
                  ""]
         with open(out, "a") as f:
             f.write("\n".join(intro + lines) + "\n")
+    if json_path:
+        publish([], results, json_path=json_path)
 
 
 if __name__ == "__main__":

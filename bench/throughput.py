@@ -33,6 +33,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,8 @@ from typing import Callable
 import click
 import numpy as np
 import torch
+
+from output import publish
 
 from pipeline.models import build_model, resolve_device
 from pipeline.params import OptimParams
@@ -253,8 +256,15 @@ def keep(jobs: list[Job], indices: list[int]) -> None:
         job.others = [others[i] for i in indices]
 
 
+def slug(text: str) -> str:
+    """A results.json key part: lower case, runs of other characters as one underscore."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
 def pair_report(pair: Pair, jobs: list[Job], sizes: dict[str, int], chunks_touched: float, runs: int,
-                clean: int) -> list[str]:
+                clean: int, results: dict | None = None) -> list[str]:
+    """The pair's markdown section; its figures also go into `results` (keys `step_images_per_s_<pair>_<variant>`
+    and `step_vs_floor_<pair>_<variant>`, slugged names)."""
     floor = next(j for j in jobs if j.kind == "floor")
     online = next(j for j in jobs if j.kind == "online")
     b = pair.batch_size
@@ -273,6 +283,9 @@ def pair_report(pair: Pair, jobs: list[Job], sizes: dict[str, int], chunks_touch
         ratio = statistics.median(r / f for r, f in zip(job.rates, floor.rates))
         extra = statistics.median(1e3 * b * (1 / r - 1 / f) for r, f in zip(job.rates, floor.rates))
         speedup = statistics.median(r / o for r, o in zip(job.rates, online.rates))
+        if results is not None:
+            results[f"step_images_per_s_{slug(pair.name)}_{slug(job.name)}"] = med
+            results[f"step_vs_floor_{slug(pair.name)}_{slug(job.name)}"] = ratio
         lines.append(f"| {job.name} | {fmt_rate(med)} | {fmt_rate(min(job.rates))} - {fmt_rate(max(job.rates))} "
                      f"| {ratio:.2f} | {1e3 * b / med:.2f} | "
                      f"{'-' if job is floor else f'{extra:+.2f}'} | "
@@ -392,7 +405,8 @@ def intro_lines(repeats: int, window_s: float, quick: bool) -> list[str]:
               help="Seconds after which disturbed repeats are no longer redone (default 360, or 0 with --quick).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch.set_num_threads; default: leave torch's default (one per core).")
-def main(out_path, repeats, quick, window_s, device_name, budget, threads):
+@click.option("--json", "json_path", default=None, help="Merge the figures into this flat JSON object.")
+def main(out_path, repeats, quick, window_s, device_name, budget, threads, json_path):
     """Measure distill-step throughput (CE floor, zarr/HDF5 stores, online teacher) and write markdown."""
     device = resolve_device(device_name)
     if threads:
@@ -405,6 +419,7 @@ def main(out_path, repeats, quick, window_s, device_name, budget, threads):
     load_before = os.getloadavg()
     sections: list[str] = []
     teacher_rows: list[tuple[Pair, Job]] = []
+    results: dict = {}
     pairs = pairs_for(quick, device)
     for p_index, pair in enumerate(pairs):
         click.echo(f"[{time.perf_counter() - started:6.1f}s] pair {pair.name}: writing stores", err=True)
@@ -441,7 +456,7 @@ def main(out_path, repeats, quick, window_s, device_name, budget, threads):
                 if store.format == "hdf5":
                     store._file.close()
             del stores
-        sections += pair_report(pair, jobs, sizes, chunks_touched, runs, min(len(clean), len(jobs[0].rates)))
+        sections += pair_report(pair, jobs, sizes, chunks_touched, runs, min(len(clean), len(jobs[0].rates)), results)
         teacher_rows += [(pair, j) for j in jobs if j.kind == "teacher"]
         for job in jobs:
             click.echo(f"  {job.name:40s} median {statistics.median(job.rates):10.1f} img/s", err=True)
@@ -450,6 +465,8 @@ def main(out_path, repeats, quick, window_s, device_name, budget, threads):
         f"- Run: {repeats} repeats, about {window_s:g} s per timing window, {fmt_duration(total)} in all", "",
         "## Results", ""] + sections + teacher_report(teacher_rows)
     Path(out_path).write_text("\n".join(lines).rstrip() + "\n")
+    if json_path:
+        publish([], results, json_path=json_path)
     click.echo(f"wrote {out_path} ({fmt_duration(total)})", err=True)
 
 

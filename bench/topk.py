@@ -95,7 +95,17 @@ def table(rows: list[dict], classes: int, title: str) -> list[str]:
 @click.option("--append", "out", default=None, help="Append the markdown section to this file.")
 @click.option("--ks", default="1,2,3,5", show_default=True, help="K values for the real store's table.")
 @click.option("--synthetic/--no-synthetic", default=True, show_default=True, help="The synthetic teacher's table.")
-def main(store, samples, out, ks, synthetic):
+@click.option("--json", "json_path", default=None,
+              help="Merge the errors into this flat JSON object (keys topk_<loss|grad>_error_<teacher>_K<k>_T<T>_<scheme>).")
+def main(store, samples, out, ks, synthetic, json_path):
+    results = {}
+
+    def record(rows, teacher):
+        for r in rows:
+            for what in ("loss", "grad"):
+                results[f"topk_{what}_error_{teacher}_K{r['K']}_T{r['T']:g}_{r['scheme']}"] = r[f"{what}_error"]
+        return rows
+
     lines = ["", "## Compact storage for many classes: top-K logits and a tail summary", "",
              f"`python bench/topk.py{' --store ' + store if store else ''}"
              f"{'' if ks == '1,2,3,5' else ' --ks ' + ks}{'' if synthetic else ' --no-synthetic'}` "
@@ -103,15 +113,16 @@ def main(store, samples, out, ks, synthetic):
              "Bytes per view: K float16 logits + K int16 indices + 6 float16 tail values (the baselines need "
              "1 tail value, 10 bytes less).", ""]
     if synthetic:
-        lines += table(errors(synthetic_teacher(samples), (5, 20, 100)), 1000, "Synthetic teacher") + [""]
+        lines += table(record(errors(synthetic_teacher(samples), (5, 20, 100)), "synthetic"), 1000,
+                       "Synthetic teacher") + [""]
     if store:
         import zarr
 
         logits = zarr.open_group(store, mode="r")["logits"]  # read raw: any format version of a full store
         real = np.asarray(logits[:samples, 0]).astype(np.float32)
-        lines += table(errors(real, [int(k) for k in ks.split(",")]), real.shape[-1],
+        lines += table(record(errors(real, [int(k) for k in ks.split(",")]), f"real{real.shape[-1]}"), real.shape[-1],
                        f"Real teacher ({store}, view 0)") + [""]
-    publish(lines, append_to=out)
+    publish(lines, results, out, json_path)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,16 @@ from conftest import ROOT
 
 
 def test_benchmark_smoke_run_writes_its_tables(tmp_path):
-    out = tmp_path / "bench.md"
-    subprocess.run([sys.executable, str(ROOT / "bench/throughput.py"), "--quick", "--out", str(out)],
-                   check=True, capture_output=True, cwd=ROOT)
+    import json
+
+    out, results = tmp_path / "bench.md", tmp_path / "results.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/throughput.py"), "--quick", "--out", str(out), "--json",
+                    str(results)], check=True, capture_output=True, cwd=ROOT)
     text = out.read_text()
     for row in ("CE only, no teacher (floor)", "zarr store, in-memory", "hdf5 store, on-disk", "online teacher"):
         assert row in text
+    keys = json.loads(results.read_text())
+    assert any(k.startswith("step_vs_floor_") and k.endswith("_zarr_store_on_disk") for k in keys)
 
 
 def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
