@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 import torch
 
-from output import publish
+from output import growth_line, publish
 from pipeline.data import Split, input_transform
 from pipeline.models import build_model
 from pipeline.params import CacheParams
@@ -41,6 +41,7 @@ PAIRS = {  # name: (teacher, (C, H, W), augmentation, samples)
 }
 VIEWS = 2
 CPU = torch.device("cpu")
+CORES = os.cpu_count() or 1
 
 
 def timed(fn) -> tuple[float, float]:
@@ -65,8 +66,7 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
     pairs = [(i, v) for i in range(n) for v in range(VIEWS)]
     batches = [torch.stack([dataset[p][0] for p in pairs[s:s + 256]]) for s in range(0, len(pairs), 256)]
     views = len(pairs)
-    cores = os.cpu_count() or 1
-    wide = f"cache_w{cores}"
+    wide = f"cache_w{CORES}"
     runs = {"teacher": [], "replay": [], "cache_w0": [], wide: []}
     cpu = {"teacher": [], "replay": []}
 
@@ -76,11 +76,7 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
 
     def replay():  # as the cache stage replays: batched (crops, flips) or view by view, then collated
         for s in range(0, len(pairs), 256):
-            batch = dataset.__getitems__(pairs[s:s + 256])
-            if dataset.batched is not None:
-                dataset.batched.apply(batch[0], batch[1])
-            else:
-                torch.utils.data.default_collate(batch)
+            dataset.collate(dataset.__getitems__(pairs[s:s + 256]))
 
     def cache(workers):
         cfg = CacheParams(num_views=VIEWS, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
@@ -92,16 +88,16 @@ def measure_pair(name: str, repeats: int, root: Path) -> dict:
     forward(), replay()  # warm up
     for _ in range(repeats):
         for key, fn in (("teacher", forward), ("replay", replay), ("cache_w0", lambda: cache(0)),
-                        (wide, lambda: cache(cores))):
+                        (wide, lambda: cache(CORES))):
             wall, cpu_s = timed(fn)
             runs[key].append(views / wall)
             if key in cpu:
                 cpu[key].append(cpu_s / views)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    bound = cores / (statistics.median(cpu["teacher"]) + statistics.median(cpu["replay"]))
+    bound = CORES / (statistics.median(cpu["teacher"]) + statistics.median(cpu["replay"]))
     best = max(med["cache_w0"], med[wide])
     return {f"teacher_forward_views_per_s_{name}": med["teacher"], f"replay_views_per_s_{name}": med["replay"],
-            f"cache_views_per_s_{name}_w0": med["cache_w0"], f"cache_views_per_s_{name}_w{cores}": med[wide],
+            f"cache_views_per_s_{name}_w0": med["cache_w0"], f"cache_views_per_s_{name}_w{CORES}": med[wide],
             f"shared_cores_bound_views_per_s_{name}": bound,
             f"cache_vs_teacher_forward_{name}": best / med["teacher"],
             f"cache_vs_shared_cores_bound_{name}": best / bound}
@@ -167,7 +163,7 @@ def device_section(results: dict, repeats: int, workers: int, device: torch.devi
              f"`python bench/cache_throughput.py --device {device} --workers {workers} --repeats {repeats} "
              f"--batch {batch}` "
              f"({', '.join(f'{n}: {DEVICE_PAIRS[n][1]} samples' for n in DEVICE_PAIRS)}) "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPU cores, torch "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {CORES} CPU cores, torch "
              f"{torch.__version__}): views per second, medians of {repeats} alternated repeats, {VIEWS} views per "
              f"sample, 3x32x32 synthetic uint8 images with crop + flip (`BatchReplay`: drawn in {workers} DataLoader "
              "workers, applied on the GPU), "
@@ -231,20 +227,18 @@ def main(repeats, out, json_path, scaling_run, device_name, workers, amps, pair_
             results.update(scaling(Path(tmp)))
     lines = ["", "## The cache stage against its bounds", "",
              f"`python bench/cache_throughput.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}): views per second, medians of "
+             f"{CORES} cores, torch threads {torch.get_num_threads()}): views per second, medians of "
              f"{repeats} alternated repeats, {VIEWS} views per sample, synthetic uint8 images, real zarr stores.", "",
-             f"| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, {os.cpu_count() or 1} workers "
+             f"| pair | teacher forward alone | replay alone | shared-cores bound | cache, 0 workers | cache, {CORES} workers "
              "| cache / teacher forward | cache / bound |", "|---|---|---|---|---|---|---|---|"]
     for name in PAIRS:
         r = {k.replace(f"_{name}", ""): v for k, v in results.items() if name in k}
         lines.append(f"| {name} | {r['teacher_forward_views_per_s']:.0f} | {r['replay_views_per_s']:.0f} | "
                      f"{r['shared_cores_bound_views_per_s']:.0f} | {r['cache_views_per_s_w0']:.0f} | "
-                     f"{r['cache_views_per_s_w' + str(os.cpu_count() or 1)]:.0f} | {r['cache_vs_teacher_forward']:.2f}x | "
+                     f"{r[f'cache_views_per_s_w{CORES}']:.0f} | {r['cache_vs_teacher_forward']:.2f}x | "
                      f"{r['cache_vs_shared_cores_bound']:.2f}x |")
-    scale = {k: v for k, v in results.items() if k.startswith("cache_us_per_view_")}
-    if scale:
-        lines += ["", "Time per view as the data grows (1 view, no augmentation, mlp teacher on 1x8x8): " +
-                  ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
+    lines += growth_line("Time per view as the data grows (1 view, no augmentation, mlp teacher on 1x8x8)", results,
+                         "cache_us_per_view_")
     publish(lines, results, out, json_path)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from output import publish
+from output import growth_line, publish
 
 SETUPS = {  # name: (student, (C, H, W), classes, samples, views, batch)
     "tiny": ("tiny_cnn", (1, 8, 8), 100, 100_000, 8, 64),
@@ -250,10 +250,8 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
             lines.append(f"| {student} | {n:,} x {views} x {classes} | {rs[0]['store_mb']:.0f} | "
                          f"{rs[0]['budget_mb']:.1f} | {variant} | {per_s:,.0f} | {vs('floor'):.2f} | "
                          f"{vs('oracle'):.2f} | {max(x['rss_mb'] for x in rs):.0f} |")
-    scale = {k: v for k, v in results.items() if k.startswith("distill_ooc_us_per_sample_")}
-    if scale:
-        lines += ["", "Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows: " +
-                  ", ".join(f"{k.split('_')[-1].replace('samples', '')} samples {v:.1f} us" for k, v in scale.items())]
+    lines += growth_line("Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows",
+                         results, "distill_ooc_us_per_sample_")
     publish(lines, results, out, json_path)
 
 

@@ -16,3 +16,13 @@ def publish(lines: list[str], results: dict | None = None, append_to=None, json_
         merged = json.loads(path.read_text()) if path.is_file() else {}
         merged.update({k: round(v, 4) for k, v in results.items()})
         path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+
+
+def growth_line(title: str, results: dict, prefix: str) -> list[str]:
+    """The lines saying how a time per item grows with the data: `results` keys `<prefix><N>samples` (microseconds)
+    as "title: N samples t us, ..."; none when there are no such keys."""
+    scale = {k: v for k, v in results.items() if k.startswith(prefix)}
+    if not scale:
+        return []
+    return ["", f"{title}: " + ", ".join(f"{k[len(prefix):].replace('samples', '')} samples {v:.1f} us"
+                                         for k, v in scale.items())]

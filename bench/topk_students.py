@@ -19,7 +19,7 @@ import torch
 
 from output import publish
 from pipeline.data import input_transform, load_dataset
-from pipeline.models import build_model, load_checkpoint
+from pipeline.models import build_model, load_checkpoint, weights_fingerprint
 from pipeline.params import load_params
 from pipeline.replay import build_augment
 from pipeline.store import LogitStore
@@ -44,19 +44,21 @@ def main(params_path, teacher_path, full_path, topk_paths, seeds, out, json_path
     data = load_dataset(params.data)
     cfg = params.distill
     T = cfg.temperature
-    teacher, _ = load_checkpoint(teacher_path)
+    fingerprint = weights_fingerprint(load_checkpoint(teacher_path)[0])
     transform = input_transform(build_augment(params.augment), data.mean, data.std)
     eval_transform = input_transform(None, data.mean, data.std)
+    stores = {path: LogitStore(path) for path in [full_path, *topk_paths.split(",")]}  # each read into memory once
+    for path, store in stores.items():
+        if store.meta.teacher_fingerprint != fingerprint:
+            raise SystemExit(f"{path}: written by another teacher than {teacher_path}; cache it with that teacher")
     rows = [("alone", "-", full_path), ("full", "-", full_path)]
     for path in topk_paths.split(","):
-        k = LogitStore(path).meta.top_k
-        rows += [(f"top-{k}", tail, path) for tail in ("summary", "uniform", "none")]
+        rows += [(f"top-{stores[path].meta.top_k}", tail, path) for tail in ("summary", "uniform", "none")]
+    read_as = {"-": (T, "summary"), "summary": (T, "summary"), "uniform": (1.0, "summary"), "none": (T, "none")}
     accs: dict[tuple, list] = {}
     for seed in [int(s) for s in seeds.split(",")]:
         for name, tail, path in rows:
-            store = LogitStore(path)
-            targets = {"-": store_targets(store, T), "summary": store_targets(store, T, "summary"),
-                       "uniform": store_targets(store, 1.0, "summary"), "none": store_targets(store, T, "none")}[tail]
+            targets = store_targets(stores[path], *read_as[tail])
             kd = 0.0 if name == "alone" else cfg.kd_weight
             student = build_model(cfg.student, data.image_shape[0], data.num_classes, cfg.student_options,
                                   data.image_shape[-1], seed=seed)
@@ -69,7 +71,7 @@ def main(params_path, teacher_path, full_path, topk_paths, seeds, out, json_path
             print(f"seed {seed} {name} {tail}: val acc {100 * acc:.2f} % ({time.perf_counter() - start:.0f} s)",
                   flush=True)
     full_bytes = store_bytes(full_path)
-    views = LogitStore(full_path).meta.num_samples * LogitStore(full_path).meta.num_views
+    views = stores[full_path].meta.num_samples * stores[full_path].meta.num_views
     lines = ["", f"### Top-K students on {data.num_classes} classes", "",
              f"`python bench/topk_students.py --params {params_path} --teacher {teacher_path} --full {full_path} "
              f"--topk {topk_paths} --seeds {seeds}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): "

@@ -120,8 +120,8 @@ class BatchReplay:
         return cls(parts[0], steps, parts[-1])
 
     def draw(self, seed: int, samples, views, shape) -> np.ndarray:
-        """The random parameters of each view (B, 3 x steps) int64, drawn as `replay_view` draws them; the
-        global generator is left as it was. shape: the images' (C, H, W)."""
+        """The random parameters of each view (B, 2 x steps) int64, drawn as `replay_view` draws them: (top, left)
+        for a crop, (flipped, 0) for a flip. The global generator is left as it was. shape: the images' (C, H, W)."""
         from torchvision.transforms import v2
 
         generator = torch.default_generator
@@ -131,16 +131,16 @@ class BatchReplay:
             sizes.append(torch.empty((shape[0], h, w), dtype=torch.uint8))
             if type(s) is v2.RandomCrop:
                 h, w = s.size
-        out = np.zeros((len(samples), 3 * len(self.steps)), dtype=np.int64)
+        out = np.zeros((len(samples), 2 * len(self.steps)), dtype=np.int64)
         try:
             for row, (i, v) in enumerate(zip(samples, views)):
                 generator.manual_seed(view_seed(seed, int(i), int(v)))
                 for k, s in enumerate(self.steps):
                     if type(s) is v2.RandomCrop:
                         p = s.make_params([sizes[k]])
-                        out[row, 3 * k:3 * k + 3] = (p["top"], p["left"], 1)
+                        out[row, 2 * k:2 * k + 2] = (p["top"], p["left"])
                     else:
-                        out[row, 3 * k] = bool(torch.rand(1) < s.p)
+                        out[row, 2 * k] = bool(torch.rand(1) < s.p)
         finally:
             generator.set_state(state)
         return out
@@ -158,12 +158,12 @@ class BatchReplay:
         for k, s in enumerate(self.steps):
             if type(s) is v2.RandomCrop:
                 pad_left, pad_top, pad_right, pad_bottom = _crop_padding(s, rows.shape[1], cols.shape[1])
-                rows = _crop_map(rows, pad_top, pad_bottom, params[:, 3 * k], s.size[0], height)
-                cols = _crop_map(cols, pad_left, pad_right, params[:, 3 * k + 1], s.size[1], width)
+                rows = _crop_map(rows, pad_top, pad_bottom, params[:, 2 * k], s.size[0], height)
+                cols = _crop_map(cols, pad_left, pad_right, params[:, 2 * k + 1], s.size[1], width)
             elif type(s) is v2.RandomHorizontalFlip:
-                cols = torch.where(params[:, 3 * k, None].bool(), cols.flip(1), cols)
+                cols = torch.where(params[:, 2 * k, None].bool(), cols.flip(1), cols)
             else:
-                rows = torch.where(params[:, 3 * k, None].bool(), rows.flip(1), rows)
+                rows = torch.where(params[:, 2 * k, None].bool(), rows.flip(1), rows)
         filled = torch.nn.functional.pad(images, (0, 1, 0, 1))  # index H / W: the fill (0)
         channels, h, w = images.shape[1], rows.shape[1], cols.shape[1]
         x = filled.gather(2, rows[:, None, :, None].expand(b, channels, h, width + 1))
@@ -237,6 +237,14 @@ class ReplayDataset(torch.utils.data.Dataset):
         if logits is None:
             return items
         return [(*item, row) for item, row in zip(items, torch.from_numpy(logits))]
+
+    def collate(self, items, device: torch.device = torch.device("cpu")):
+        """A `__getitems__` result as the batch `(x, y, samples, views[, logits])` of tensors, x on `device`
+        (replayed there by `BatchReplay.apply` where `batched`)."""
+        if self.batched is None:
+            return torch.utils.data.default_collate(items)
+        images, params, *rest = items
+        return (self.batched.apply(images.to(device, non_blocking=True), params), *map(torch.from_numpy, rest))
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -78,11 +78,11 @@ def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, devi
     `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are.
     """
     batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
-    plan = None if collated else getattr(dataset, "batched", None)
+    replayed = not collated and getattr(dataset, "batched", None) is not None
     loader = DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator(),
-                        **({"collate_fn": _as_is} if plan is not None or collated else {}))
-    return loader if plan is None else _Replayed(loader, plan, device)
+                        **({"collate_fn": _as_is} if replayed or collated else {}))
+    return _Replayed(loader, device) if replayed else loader
 
 
 def _as_is(batch):
@@ -92,16 +92,15 @@ def _as_is(batch):
 class _Replayed:
     """A loader of `batched` ReplayDataset batches, each replayed on `device` as it is taken."""
 
-    def __init__(self, loader: DataLoader, plan, device: torch.device):
-        self.loader, self.plan, self.device = loader, plan, device
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for images, params, *rest in self.loader:
-            yield (self.plan.apply(images.to(self.device, non_blocking=True), params),
-                   *(torch.from_numpy(a) for a in rest))
+        for items in self.loader:
+            yield self.loader.dataset.collate(items, self.device)
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -248,13 +247,8 @@ class _TeacherViews(torch.utils.data.Dataset):
         return len(self.views)
 
     def __getitems__(self, pairs):
-        batch = self.views.__getitems__(pairs)
-        if self.views.batched is not None:
-            x, i, v = self.views.batched.apply(batch[0], batch[1]), batch[3], batch[4]
-        else:
-            x, _, i, v = torch.utils.data.default_collate(batch)
-            i, v = i.numpy(), v.numpy()
-        return teacher_forward(self.teacher, x, torch.device("cpu"), self.amp).numpy(), i, v
+        x, _, i, v = self.views.collate(self.views.__getitems__(pairs))
+        return teacher_forward(self.teacher, x, torch.device("cpu"), self.amp).numpy(), i.numpy(), v.numpy()
 
 
 def _one_batch_ahead(loader, teacher: nn.Module, device: torch.device, amp: str):

@@ -204,8 +204,8 @@ def _fill(dtype: str):
 
 def _zarr_codecs(dtype: str) -> list:
     """A zarr array's codecs: always a crc32c checksum; zstd only for integer arrays (top-K class indices shrink to
-    ~0.3x). Logits hardly compress (float16 logits of real teachers to 0.88-0.93x), and zstd would make each chunk
-    2.5x slower to decode, which a store read from disk pays every epoch (`python bench/zarr_codecs.py`)."""
+    ~0.3x). Logits hardly compress (float16 logits of real teachers to 0.88-0.93x), and zstd makes each chunk 3.2x
+    slower to decode, which a store read from disk pays every epoch (`python bench/zarr_codecs.py`)."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     return [Crc32cCodec()] if np.dtype(dtype).kind == "f" else [ZstdCodec(level=1), Crc32cCodec()]

@@ -3,13 +3,7 @@
 # device had torch but not zarr, so zarr and its needs came as wheels in .whl/). Writes into ${OUT:-gpu-out}/.
 # With gpu-old/pipeline present (an earlier commit's pipeline/), the cache stage is timed with it too, side by side.
 set -euo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-SITE=${PYTHONPATH:-}
-export PYTHONPATH=${SITE:+$SITE:}$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__, torch.cuda.get_device_name())"
 python3 bench/replay_check.py --device cuda

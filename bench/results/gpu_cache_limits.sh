@@ -2,13 +2,7 @@
 # What bounds the cache stage on a GPU (BENCHMARKS-GPU.md): a profile of its main thread, and the cache stage at a
 # larger batch and with more workers. Writes into ${OUT:-gpu-out}/. Same set-up as gpu.sh.
 set -euo pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-SITE=${PYTHONPATH:-}
-export PYTHONPATH=${SITE:+$SITE:}$PWD TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 python3 bench/profile_cache.py --device cuda --workers 8 --batch 512 --top 30 > "$OUT/profile_b512.txt"
 head -12 "$OUT/profile_b512.txt"
 for spec in "2048 8" "512 15"; do
