@@ -12,7 +12,7 @@ distillation always means row i of the *training* split. The test split is only 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -70,10 +70,16 @@ def load_dataset(params: DataParams) -> Dataset:
     Sources with a test split keep it as the test split and carve `val_fraction` of their training
     set for validation; sources without one (digits, an image folder without `test/`) first hold out
     `test_fraction` of all samples. `train_subset` keeps that many training samples (stratified).
+    An image folder without `image_size` must hold images of one size: a file of another size than the first
+    training file is refused when decoded (`ImageFiles.same_size`).
     """
     from sklearn.model_selection import train_test_split
 
     source = load_source(params.name, params.root, params.image_size)
+    if isinstance(source.train_images, ImageFiles) and params.image_size is None:  # batches need one image size
+        source = replace(source, train_images=source.train_images.same_size())
+        if source.test_images is not None:
+            source = replace(source, test_images=source.test_images.same_size(source.train_images.first))
     everything = Split(source.train_images, torch.as_tensor(source.train_labels, dtype=torch.int64))
     labels = everything.labels.numpy()
     seed = params.split_seed
@@ -123,6 +129,31 @@ def input_transform(augment, mean, std):
         steps.append(augment)
     steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
+
+
+def check_augment(transform, image: torch.Tensor) -> None:
+    """Refuse, before any view is replayed, a training `transform` (an `input_transform`) that cannot augment
+    `image` (uint8 (C, H, W), one of the data's), e.g. a RandomCrop larger than the images: the image goes through
+    the transform once, step by step, and a failing step is a KDError naming `augment[i]`, the transform and the
+    image size. torch's global generator is left as it was."""
+    from torchvision.transforms import v2
+
+    parts = list(getattr(transform, "transforms", ()))
+    named = [("augment", transform)]  # anything else than an input_transform: one step
+    if len(parts) == 3 and isinstance(parts[1], v2.Compose):
+        named = [("the conversion to float", parts[0]), *((f"augment[{i}]", step) for i, step in
+                                                          enumerate(parts[1].transforms)), ("data.normalize", parts[2])]
+    size = "x".join(map(str, image.shape))
+    x = image
+    with torch.random.fork_rng(devices=[]):
+        for where, step in named:
+            try:
+                x = step(x)
+            except Exception as e:  # torchvision raises ValueError, TypeError, RuntimeError for misfits
+                reason = f"{type(e).__name__}: {str(e).rstrip('.')}"
+                raise KDError(f"{where}: {step} cannot be applied to the training images, of size {size} (C x H x W): "
+                              f"{reason}; fit the step to that size (in augment, or teacher.augment for the teacher's "
+                              "own training), or resize the images with data.image_size") from None
 
 
 def fingerprint(split: Split) -> str:

@@ -21,6 +21,16 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s generator (dropout masks): rank 0 keeps `seed`, so one process runs as it always
+    did; every other rank gets its own, `SeedSequence([seed, rank])`, so no two ranks draw the same masks."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+
+
 def init(device: torch.device) -> torch.device:
     """Join torchrun's process group when WORLD_SIZE > 1; returns this rank's device (cuda:LOCAL_RANK on CUDA)."""
     if world_size() == 1 or dist.is_initialized():

@@ -215,6 +215,24 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), ckpt
 
 
+def check_input_shape(model: nn.Module, ckpt: dict, path: str | Path, image_shape: tuple[int, int, int]) -> None:
+    """Refuse a checkpoint's `model` that cannot take the data's images, (C, H, W) = `image_shape`: one forward of
+    a zero batch of one image (eval mode, no gradients), its error turned into a KDError naming the checkpoint,
+    the image size it records (if any) and the data's. A model built for another size (an MLP, a flattening head)
+    would otherwise fail with a matrix-shape error at its first real batch."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *image_shape))
+    except (RuntimeError, ValueError) as e:
+        size = ckpt.get("image_size")
+        made = f"was made for {size}x{size} images" if size else "records no image size (key 'image_size')"
+        data = "x".join(map(str, image_shape))
+        fix = f"set data.image_size: {size}, or " if size else ""
+        reason = f"{type(e).__name__}: {str(e).rstrip('.')}"
+        raise KDError(f"{path}: teacher {ckpt['arch']!r} {made} and cannot take the data's images, {data} "
+                      f"(C x H x W): {reason}; {fix}use a checkpoint trained on images of this size") from None
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the state dict (sorted names, shapes, dtypes, values): names the teacher behind a store."""
     h = hashlib.sha256()

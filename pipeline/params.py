@@ -126,6 +126,10 @@ def _finite(v) -> bool:
     return math.isfinite(v)
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _log_range(v) -> bool:
     """[lo, hi] drawn from log-uniformly: two finite numbers, 0 < lo < hi."""
     return len(v) == 2 and all(_finite(b) for b in v) and 0 < v[0] < v[1]
@@ -156,9 +160,9 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("data.image_size", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("data.normalize", lambda v: v in ("auto", "none") if isinstance(v, str) else
      set(v) == {"mean", "std"} and all(isinstance(v[k], list) and v[k] for k in v)
-     and len(v["mean"]) == len(v["std"]) and all(isinstance(s, (int, float)) and s > 0 for s in v["std"])
-     and all(isinstance(m, (int, float)) for m in v["mean"]),
-     "auto, none, or {mean: [one per channel], std: [one per channel, each > 0]}"),
+     and len(v["mean"]) == len(v["std"]) and all(_number(s) and _finite(s) and s > 0 for s in v["std"])
+     and all(_number(m) and _finite(m) for m in v["mean"]),
+     "auto, none, or {mean: [one finite number per channel], std: [one per channel, each finite and > 0]}"),
     ("data.split_seed", lambda v: v >= 0, "an integer >= 0"),
     ("data.val_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
     ("data.test_fraction", lambda v: 0 < v < 1, "a fraction in (0, 1)"),

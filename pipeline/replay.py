@@ -20,6 +20,8 @@ Normalize(mean, std)])` (the first and last steps draw no random numbers).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -60,6 +62,17 @@ def build_augment(spec: list[dict]):
     return v2.Compose(steps) if steps else v2.Identity()
 
 
+def owns_generator() -> None:
+    """Refuse to replay outside a process's main thread. Replay reseeds and restores torch's global CPU generator,
+    which every thread of the process shares: in a second thread it could interleave with the training step's
+    dropout draws, and both the views and the masks would change with timing. In the main thread (and in
+    DataLoader worker processes, whose main thread replays) nothing else draws while it runs."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"replay ran in thread {threading.current_thread().name!r}: it reseeds torch's global "
+                           "generator, which the training thread draws from, so it must run in the process's main "
+                           "thread (or a DataLoader worker process); read only the store in other threads")
+
+
 def view_seed(seed: int, index: int, view: int) -> int:
     """The 64-bit generator seed for view `view` of sample `index` under replay seed `seed`."""
     return int(np.random.SeedSequence([seed, index, view]).generate_state(1, np.uint64)[0])
@@ -69,7 +82,10 @@ def replay_view(image: torch.Tensor, transform, seed: int, index: int, view: int
     """The augmented input for (sample `index`, view `view`): `transform(image)` under a fixed seed.
 
     image: uint8 (C, H, W) as stored. Returns the transformed tensor; the global RNG is left as it was.
+    Runs only in a process's main thread (`owns_generator`): the generator it reseeds is the one a training step
+    draws dropout masks from, so replay in another thread could interleave with those draws.
     """
+    owns_generator()
     generator = torch.default_generator
     state = generator.get_state()
     generator.manual_seed(view_seed(seed, index, view))  # ~1 us; torch.manual_seed costs ~100x more
@@ -124,6 +140,7 @@ class BatchReplay:
         for a crop, (flipped, 0) for a flip. The global generator is left as it was. shape: the images' (C, H, W)."""
         from torchvision.transforms import v2
 
+        owns_generator()
         generator = torch.default_generator
         state = generator.get_state()
         sizes, h, w = [], shape[-2], shape[-1]
@@ -210,6 +227,10 @@ class ReplayDataset(torch.utils.data.Dataset):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self.targets = targets  # optional: an object with read(samples, views) -> (B, C) teacher logits
         self.batched = BatchReplay.of(transform) if batched and isinstance(images, torch.Tensor) else None
+        if len(images):  # every stage's replay starts here: refuse a transform the images do not fit, before any work
+            from pipeline.data import check_augment
+
+            check_augment(transform, images[0])
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -8,6 +8,8 @@ settings, the class names, the distilled student's confusion matrix and the figu
 from __future__ import annotations
 
 import csv
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +46,9 @@ def read_search(csv_path: str | Path | None) -> dict | None:
     """Summary of `kd search`'s trials, or None when there is no such file (no search has run).
 
     The CSV has the columns SEARCH_COLUMNS, one row per trial. Returns `{trials, rounds, best_temperature,
-    best_kd_weight, best_val_acc, best_trial}`, the best trial being the one of highest `val_acc` (the first
-    of equals). A file without those columns or trials is a KDError.
+    best_kd_weight, best_val_acc, best_trial}`, the best trial being the one of highest finite `val_acc` (the
+    first of equals); a diverged trial (NaN) never is, and when every trial diverged the `best_` values are None.
+    A file without those columns or trials is a KDError.
     """
     if csv_path is None or not Path(csv_path).is_file():
         return None
@@ -58,27 +61,43 @@ def read_search(csv_path: str | Path | None) -> dict | None:
     if not rows:
         raise KDError(f"{csv_path}: search results hold no trial; run `kd search` again or remove the file")
     try:
-        best = max(rows, key=lambda r: float(r["val_acc"]))
-        return {"trials": len(rows), "rounds": len({r["round"] for r in rows}),
-                "best_temperature": float(best["temperature"]), "best_kd_weight": float(best["kd_weight"]),
-                "best_val_acc": float(best["val_acc"]), "best_trial": int(best["trial"])}
+        scored = [r for r in rows if math.isfinite(float(r["val_acc"]))]
+        best = max(scored, key=lambda r: float(r["val_acc"]), default=None)
+        summary = {"trials": len(rows), "rounds": len({r["round"] for r in rows}), "best_temperature": None,
+                   "best_kd_weight": None, "best_val_acc": None, "best_trial": None}
+        if best is not None:
+            summary.update(best_temperature=float(best["temperature"]), best_kd_weight=float(best["kd_weight"]),
+                           best_val_acc=float(best["val_acc"]), best_trial=int(best["trial"]))
+        return summary
     except ValueError as e:
         raise KDError(f"{csv_path}: a search result is not a number ({e})") from None
 
 
 def cache_facts(store_path: str | Path) -> dict:
-    """What the logit store at `store_path` holds: views, dtype, storage (full or topk and K), samples, classes,
-    size on disk in bytes (every file of a zarr folder, or the HDF5 file), format and the fingerprints."""
+    """What the logit store at `store_path` (a local path or a URL, as `kd cache --out` takes) holds: views, dtype,
+    storage (full or topk and K), samples, classes, size in bytes (`store_bytes`), format and the fingerprints."""
     from pipeline.store import LogitStore
 
     store = LogitStore(store_path, max_memory_bytes=0)  # reads only the metadata and labels
-    path, meta = Path(store_path), store.meta
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    meta = store.meta
     return {"path": str(store_path), "format": store.format, "samples": meta.num_samples, "views": meta.num_views,
             "classes": meta.num_classes, "dtype": meta.dtype, "storage": meta.storage,
-            "top_k": meta.top_k if meta.storage == "topk" else None, "bytes": size,
+            "top_k": meta.top_k if meta.storage == "topk" else None, "bytes": store_bytes(store_path),
             "teacher_arch": meta.teacher_arch, "teacher_fingerprint": meta.teacher_fingerprint,
             "dataset_fingerprint": meta.dataset_fingerprint}
+
+
+def store_bytes(store_path: str | Path) -> int:
+    """Bytes of every file of a zarr store (a local folder, or at a URL through fsspec), or of the HDF5 file."""
+    from pipeline.store import is_url
+
+    if is_url(store_path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(store_path))
+        return int(fs.du(root))
+    path = Path(store_path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def confusion_csv(labels, predicted, classes: list[str]) -> str:
@@ -91,6 +110,20 @@ def confusion_csv(labels, predicted, classes: list[str]) -> str:
     writer.writerow(["actual", "predicted"])
     writer.writerows((classes[a], classes[p]) for a, p in zip(labels, predicted))
     return buffer.getvalue()
+
+
+def json_text(value) -> str:
+    """`value` as indented JSON text ending in a newline, each non-finite float (NaN, inf) written as null: strict
+    JSON, as `dvc metrics show` and every JSON parser read it (Python's default would write NaN)."""
+    return json.dumps(_finite_or_none(value), indent=2, allow_nan=False) + "\n"
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {key: _finite_or_none(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -202,9 +235,13 @@ def search_section(search: dict | None, figure: Path | None, csv_path: str | Non
         return Section("Hyperparameter search", [
             "No search has run: there are no search results"
             + (f" at `{csv_path}`" if csv_path else "") + " (`kd search` writes them)."])
-    blocks = [f"{search['trials']} trials in {search['rounds']} round(s) (`{csv_path}`). Best on validation: "
-              f"trial {search['best_trial']}, T = **{search['best_temperature']:g}**, λ = "
-              f"**{search['best_kd_weight']:g}**, validation accuracy **{percent(search['best_val_acc'])}**."]
+    if search["best_val_acc"] is None:
+        best = "Every trial diverged (validation accuracy NaN), so there is no best T and λ."
+    else:
+        best = (f"Best on validation: trial {search['best_trial']}, T = **{search['best_temperature']:g}**, λ = "
+                f"**{search['best_kd_weight']:g}**, validation accuracy **{percent(search['best_val_acc'])}** "
+                "(diverged trials never count).")
+    blocks = [f"{search['trials']} trials in {search['rounds']} round(s) (`{csv_path}`). " + best]
     if figure is not None:
         blocks.append(Figure(figure, "Validation accuracy of the search's trials over temperature T and weight λ."))
     return Section("Hyperparameter search", blocks)

@@ -136,6 +136,15 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def trial_threads(processes: int) -> int:
+    """Torch threads for each of `processes` trial runners: the user's setting (OMP_NUM_THREADS, or
+    torch.set_num_threads before the search; torch's default is one per physical core), at most `cores()`, shared
+    out as max(1, threads // processes). So `OMP_NUM_THREADS=1` beside other jobs gives one thread, as asked."""
+    import torch
+
+    return max(1, min(cores(), torch.get_num_threads()) // processes)
+
+
 _WORKER: dict = {}  # a worker process's store, splits and settings, set once by `_start_worker`
 
 
@@ -168,14 +177,15 @@ def trial_runner(store, train, val, cfg: DistillParams, *, seed: int, device, pr
                  memory_bytes: int, num_workers: int = 0):
     """A function from trials to an iterator of (trial, val_acc, seconds), in the order they finish.
 
-    `processes` 1: in this process, with one torch thread per core. N > 1: in N spawned worker processes with
-    cores // N threads each, every worker opening the store once and given only `train` and `val`.
+    `processes` 1: in this process, with `trial_threads(1)` torch threads (the user's). N > 1: in N spawned worker
+    processes with `trial_threads(N)` threads each, every worker opening the store once (holding it in memory
+    within `memory_bytes`) and given only `train` and `val`.
     """
     import torch
 
     if processes == 1:
         threads = torch.get_num_threads()
-        torch.set_num_threads(cores())
+        torch.set_num_threads(trial_threads(1))
         try:
             yield lambda trials: (_timed_trial(t, store, train, val, cfg, seed, device, num_workers) for t in trials)
         finally:
@@ -187,7 +197,7 @@ def trial_runner(store, train, val, cfg: DistillParams, *, seed: int, device, pr
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker,
                                initargs=(store.path, memory_bytes, train, val, cfg, seed, device, num_workers,
-                                         max(1, cores() // processes)))
+                                         trial_threads(processes)))
     try:
         yield lambda trials: (f.result() for f in as_completed([pool.submit(_trial_in_worker, t) for t in trials]))
     finally:

@@ -147,8 +147,9 @@ def load_cifar(root: Path, name: str) -> Source:
                       "or tar.gz")
     classes = [str(c) for c in range(num_classes)]
     if meta_name in members:
-        names = _field(_unpickle(*members[meta_name]), names_key, members[meta_name][1])
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        where = members[meta_name][1]
+        classes = _class_names(_field(_unpickle(*members[meta_name]), names_key, where), where, names_key,
+                               num_classes)
     (train_images, train_labels), (test_images, test_labels) = [
         [np.concatenate(parts) for parts in zip(*[_batch(*members[m], labels_key, len(classes)) for m in split])]
         for split in (train_names, [test_name])]
@@ -187,16 +188,42 @@ def _read_tar(path: Path, folder: str, required: list[str], optional: str) -> di
 def _batch(data: bytes, where, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR batch dict -> images uint8 (N, 3, 32, 32) and labels int64 (N,), shapes and ranges checked."""
     batch = _unpickle(data, where)
-    images, labels = _field(batch, "data", where), np.asarray(_field(batch, labels_key, where))
+    images = _field(batch, "data", where)
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2
             and images.shape[1] == 3072):
         shape = getattr(images, "shape", type(images).__name__)
         raise KDError(f"{where}: 'data' is {shape} {getattr(images, 'dtype', '')}, expected (N, 3072) uint8")
-    if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (len(labels) and (
+    return images.reshape(-1, 3, 32, 32), _labels(_field(batch, labels_key, where), where, labels_key, len(images),
+                                                  num_classes)
+
+
+def _labels(values, where, key: str, count: int, num_classes: int) -> np.ndarray:
+    """A batch's `key` entry as int64 (count,): refused, naming the file and key, unless it holds `count` integers
+    in 0..num_classes - 1 (one per image)."""
+    try:
+        labels = np.asarray(values)
+    except (TypeError, ValueError):  # a ragged list: numpy cannot make it an array
+        labels = None
+    if labels is None or labels.shape != (count,) or labels.dtype.kind not in "iu" or (count and (
             labels.min() < 0 or labels.max() >= num_classes)):
-        raise KDError(f"{where}: '{labels_key}' has shape {labels.shape}, expected {len(images)} integers "
+        found = "a ragged list" if labels is None else f"of shape {labels.shape} and dtype {labels.dtype}"
+        raise KDError(f"{where}: '{key}' is {found}; expected a list of {count} integers (one per image) "
                       f"in 0..{num_classes - 1}")
-    return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return labels.astype(np.int64)
+
+
+def _class_names(names, where, key: str, num_classes: int) -> list[str]:
+    """The meta file's class names as str: refused, naming the file and key, unless a list of `num_classes`
+    strings (bytes in the Python 2 originals)."""
+    if isinstance(names, (list, tuple)):
+        odd = [n for n in names if not isinstance(n, (str, bytes))]
+        if not odd and len(names) == num_classes:
+            return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+        found = f"a list holding {odd[0]!r:.40} ({type(odd[0]).__name__})" if odd else f"a list of {len(names)} names"
+    else:
+        found = f"{type(names).__name__} {names!r:.60}"
+    raise KDError(f"{where}: '{key}' is {found}; expected a list of {num_classes} class names (strings), or remove "
+                  "the file to number the classes")
 
 
 def _field(batch, key: str, where):
@@ -272,8 +299,8 @@ def _class_folders(folder: Path) -> list[str]:
 def _list_images(root: Path, split: str, classes: list[str], image_size) -> tuple[ImageFiles, np.ndarray]:
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(e.name for e in os.scandir(root / split / name)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+        files = sorted(e.name for e in os.scandir(root / split / name)  # hidden files (macOS ._x.png) skipped
+                       if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise KDError(f"{root / split / name}: no images; expected files ending in {', '.join(IMAGE_SUFFIXES)}")
         paths += [f"{split}/{name}/{f}" for f in files]
@@ -292,11 +319,13 @@ class ImageFiles:
     """Image files decoded lazily, one per __getitem__, e.g. in DataLoader workers (picklable).
 
     `paths` are relative to `root`; item i is uint8 (3, H, W) RGB, resized and center-cropped to
-    image_size x image_size when `image_size` is set.
+    image_size x image_size when `image_size` is set. With `first` (a relative path and its (H, W): see
+    `same_size`), an image of another size is refused when decoded.
     """
 
-    def __init__(self, root: Path, paths: list[str], image_size: int | None):
-        self.root, self.paths, self.image_size = Path(root), list(paths), image_size
+    def __init__(self, root: Path, paths: list[str], image_size: int | None,
+                 first: tuple[str, tuple[int, int]] | None = None):
+        self.root, self.paths, self.image_size, self.first = Path(root), list(paths), image_size, first
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -315,11 +344,25 @@ class ImageFiles:
             raise KDError(f"{path}: cannot decode image ({reason}); expected a JPEG or PNG file "
                           "(GIF and WebP are read too)") from e
         image = image[0] if image.ndim == 4 else image  # an animated GIF: its first frame
-        return image if self.image_size is None else _resize_crop(image, self.image_size)
+        image = image if self.image_size is None else _resize_crop(image, self.image_size)
+        if self.first is not None and tuple(image.shape[-2:]) != tuple(self.first[1]):
+            (height, width), (first_height, first_width) = image.shape[-2:], self.first[1]
+            raise KDError(f"{path}: {height}x{width} pixels (H x W), but {self.root / self.first[0]} has "
+                          f"{first_height}x{first_width}: images of different sizes cannot be stacked into batches; "
+                          "set data.image_size: N to resize every image (shorter side to N, centre crop N x N)")
+        return image
+
+    def same_size(self, first: tuple[str, tuple[int, int]] | None = None) -> ImageFiles:
+        """These files, each refused when decoded (KDError naming it and `first`'s file, both sizes, and
+        data.image_size as the fix) unless its size is that of `first`: (relative path, (H, W)), by default file
+        0 and its size (decoded once here). What is stacked into batches must have one size."""
+        if first is None and len(self):
+            first = (self.paths[0], tuple(self[0].shape[-2:]))
+        return ImageFiles(self.root, self.paths, self.image_size, first)
 
     def subset(self, rows) -> ImageFiles:
         """The files at `rows` (ints), in that order."""
-        return ImageFiles(self.root, [self.paths[int(r)] for r in rows], self.image_size)
+        return ImageFiles(self.root, [self.paths[int(r)] for r in rows], self.image_size, self.first)
 
     def digest(self) -> str:
         """SHA-256 over (relative path, file bytes) of every file in order: per-file digests, combined in order.

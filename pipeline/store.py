@@ -13,7 +13,7 @@ Writing (chunk by chunk, resumable) is `pipeline.writer`; this module owns the l
 
 Row i, view v holds the teacher's logits (before temperature) for `replay_view(train image i, ...,
 seed, i, v)`. A store is written under `<path>.partial`, chunk by chunk; each chunk is marked done
-only after its data is written and flushed, so a killed writer resumes where it stopped (same
+only after its data is written and made durable (fsynced), so a killed writer resumes where it stopped (same
 parameters only). Only a store whose every chunk is done gets `complete` and is renamed into place.
 Readers never pass a fill value off as a logit: a missing chunk reads as NaN, and NaN or infinite
 logits are refused, as is a chunk whose checksum fails.

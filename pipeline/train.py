@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -22,6 +24,7 @@ from pipeline.data import Split, ViewDataset, fingerprint, input_transform
 from pipeline.loss import kd_loss
 from pipeline.models import weights_fingerprint
 from pipeline.params import CacheParams, DistillParams, OptimParams
+from pipeline.resume import Resume, capture, restore
 from pipeline.replay import EpochSampler, ReplayDataset, build_augment, epoch_pairs
 from pipeline.store import LogitStore, StoreMeta
 from pipeline.writer import StoreWriter
@@ -140,18 +143,23 @@ def _share_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
 PREFETCH = 4  # batches read ahead from a store larger than memory (`kd distill`); in-memory stores read in line
 
 
-def prefetched(batches, targets: Targets | None, depth: int):
-    """Yield `(batch, teacher logits or None)` for each batch `(x, y, samples, views)` of `batches`, with up to
-    `depth` batches and their targets prepared ahead in a background thread (0: in line, no thread).
+def prefetched(batches, targets: Targets | None, depth: int, pairs=None):
+    """Yield `(batch, teacher logits or None)` for each batch `(x, y, samples, views)` of `batches`.
 
-    Reading the store (chunk decoding, gathering, checks) then overlaps the training step; the values are the
-    same as in line. Memory: `depth` batches of inputs and logits on top of the store's chunk cache.
+    depth 0: the targets are read in line, `targets(x, samples, views)`. depth > 0 (`targets` a `StoreTargets`):
+    a background thread reads the logits of up to `depth` batches ahead, from `pairs`, an iterable of each batch's
+    list of (sample, view) pairs in the loader's order (its batch sampler). That thread only reads the store: it
+    never touches the loader, so replay, which reseeds torch's global generator, stays in this (the training)
+    thread, and a dropout mask drawn here can never interleave with it. Each batch's samples are checked against
+    the logits read for it. The values are the same as in line.
+
+    Whatever ends the iteration (the last batch, an exception in the caller's step, a failed read), the thread is
+    told to stop and joined before this generator returns: no put or get waits without a timeout on the other
+    side, so nothing is left behind and nothing hangs. Close it (`contextlib.closing`) to end it at once.
     """
-    def make(batch):
-        return batch, (targets(batch[0], batch[2], batch[3]) if targets is not None else None)
-
-    if depth <= 0:
-        yield from map(make, batches)
+    if depth <= 0 or targets is None:
+        for batch in batches:
+            yield batch, (targets(batch[0], batch[2], batch[3]) if targets is not None else None)
         return
     import queue
     import threading
@@ -159,32 +167,57 @@ def prefetched(batches, targets: Targets | None, depth: int):
     box: queue.Queue = queue.Queue(maxsize=depth)
     done, stop = object(), threading.Event()
 
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
-            for batch in batches:
-                item = make(batch)
-                while not stop.is_set():
-                    try:
-                        box.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+            for batch_pairs in pairs:
+                samples = np.fromiter((p[0] for p in batch_pairs), np.int64, len(batch_pairs))
+                views = np.fromiter((p[1] for p in batch_pairs), np.int64, len(batch_pairs))
+                if not offer((samples, targets.read(samples, views))):
                     return
-            box.put(done)
+            offer(done)
         except BaseException as e:  # noqa: BLE001 -- re-raised in the training thread
-            box.put(e)
+            offer(e)
 
-    thread = threading.Thread(target=work, name="kd-prefetch", daemon=True)
+    thread = threading.Thread(target=work, name="kd-read-ahead", daemon=True)
     thread.start()
     try:
-        while (item := box.get()) is not done:
+        for batch in batches:
+            while True:
+                try:
+                    item = box.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if not thread.is_alive():
+                        raise RuntimeError("the read-ahead thread ended without a result") from None
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            if item is done or not np.array_equal(item[0], np.asarray(batch[2])):
+                raise RuntimeError("read-ahead out of step with the loader: the batch sampler and the loader "
+                                   "disagree on a batch's samples")
+            yield batch, torch.from_numpy(item[1])
     finally:
         stop.set()
         thread.join()
+
+
+def close_loader(loader) -> None:
+    """End the worker processes of `loader` (a `make_loader` result) now, not when it is garbage-collected: a
+    stage that fails leaves no worker behind."""
+    loader = getattr(loader, "loader", loader)
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
 
 
 def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta, chunks: list[int], batch_size: int,
@@ -419,11 +452,15 @@ TEACHER_VIEWS = 1 << 32  # teacher epoch e draws its views as replay "view" 2^32
 
 def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_transform, epochs: int,
                   batch_size: int, optim: OptimParams, seed: int, device: torch.device, num_workers: int = 0,
-                  log: EpochLog = lambda e, m: None) -> nn.Module:
-    """Plain CE training with a fresh augmented view of every sample each epoch (seeded, so deterministic)."""
+                  log: EpochLog = lambda e, m: None, resume: Resume | None = None) -> nn.Module:
+    """Plain CE training with a fresh augmented view of every sample each epoch (seeded, so deterministic).
+
+    `resume`: continue from its checkpoint when it holds one of this run, and save one after every epoch
+    (`pipeline.resume`; the weights end bit-identical to an uninterrupted run's)."""
     torch.manual_seed(seed)
     model.to(device)
     optimizer, schedule = make_optimizer(model, optim, epochs)
+    start, history = _resumed(resume, model, optimizer, schedule, log)
     dataset = ReplayDataset(train.images, train.labels, transform, seed)
 
     def pairs(epoch: int) -> list[tuple[int, int]]:
@@ -433,24 +470,53 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
     sampler = EpochSampler(pairs, len(train))
     loader = make_loader(dataset, sampler, batch_size, num_workers, device)
     val_loader = eval_loader(val, eval_transform, num_workers)
-    for epoch in tqdm(range(epochs), desc="teacher", unit="epoch"):
-        model.train()
-        sampler.epoch = epoch
-        loss_sum = correct = seen = 0
-        for x, y, _, _ in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += _finite_loss(loss.item(), epoch, "teacher training", optim.lr) * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        schedule.step()
-        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen,
-                    "val_acc": accuracy(model, val_loader, device=device)})
+    try:
+        for epoch in tqdm(range(start, epochs), desc="teacher", unit="epoch", initial=start, total=epochs):
+            model.train()
+            sampler.epoch = epoch
+            loss_sum = correct = seen = 0
+            for x, y, _, _ in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += _finite_loss(loss.item(), epoch, "teacher training", optim.lr) * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+            schedule.step()
+            metrics = {"loss": loss_sum / seen, "train_acc": correct / seen,
+                       "val_acc": accuracy(model, val_loader, device=device)}
+            _end_epoch(resume, model, optimizer, schedule, epoch, metrics, history, log)
+    finally:
+        close_loader(loader)
+        close_loader(val_loader)
     return model.eval()
+
+
+def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: EpochLog) -> tuple[int, list[dict]]:
+    """(first epoch to run, metrics of the epochs before it): from `resume`'s checkpoint of this run, whose logged
+    metrics are replayed into `log` (so a dvclive history holds each epoch once), or (0, [])."""
+    state = resume.load() if resume is not None else None
+    if state is None:
+        return 0, []
+    start, history = restore(state, model, optimizer, schedule)
+    if distributed.rank() == 0:
+        print(f"Resuming from {resume.path} after epoch {start - 1}", file=sys.stderr)
+    for epoch, metrics in enumerate(history):
+        log(epoch, metrics)
+    return start, history
+
+
+def _end_epoch(resume: Resume | None, model: nn.Module, optimizer, schedule, epoch: int, metrics: dict,
+               history: list[dict], log: EpochLog) -> None:
+    """Log the epoch's metrics, then checkpoint (a run killed between the two re-runs this epoch, and its
+    history still holds the epoch once: the log is rebuilt from the checkpoint on resume)."""
+    log(epoch, metrics)
+    history.append(metrics)
+    if resume is not None:
+        resume.save(capture(model, optimizer, schedule, epoch, history))
 
 
 class DivergedError(KDError):
@@ -469,12 +535,25 @@ def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
 def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torch.Tensor, y: torch.Tensor,
                  samples: torch.Tensor, views: torch.Tensor, temperature: float, kd_weight: float,
                  device: torch.device, ce_weight: float = 1.0, teacher_logits: torch.Tensor | None = None,
-                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float = 1.0, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits).
 
     The teacher's logits are `teacher_logits` when given (read ahead), else `targets(x, samples, views)`.
     The gradient is that of `scale` x loss (a rank's share of a global batch under torchrun; 1 alone).
+    `real` 0: this rank's share of the global batch is empty and x holds a stand-in (`RankBatches`): the rank
+    still steps with the others (DDP's all-reduce needs every rank) with a zero gradient; under SyncBatchNorm it
+    forwards an empty batch, so the stand-in never enters the global batch statistics (empty inputs count 0).
     """
+    if real == 0:
+        x = x.to(device, non_blocking=True)
+        if any(isinstance(m, nn.SyncBatchNorm) for m in student.modules()):
+            x = x[:0]
+        logits = student(x)
+        loss = logits.sum() * 0.0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
     if kd_weight and teacher_logits is None:
         teacher_logits = targets(x, samples, views)
     teacher_logits = teacher_logits.to(device, non_blocking=True) if kd_weight else None
@@ -490,7 +569,7 @@ def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torc
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
             device: torch.device, num_workers: int = 0, chunk_samples: int = 0, prefetch: int = 0,
-            log: EpochLog = lambda e, m: None, progress: bool = True) -> nn.Module:
+            log: EpochLog = lambda e, m: None, progress: bool = True, resume: Resume | None = None) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
@@ -508,9 +587,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     differ). `log` gets the global training loss and accuracy; validation runs on rank 0 only (others get
     val_acc NaN). `progress` False hides the per-epoch progress bar (a search shows one bar over its trials).
     """
-    torch.manual_seed(seed)
-    student.to(device)
     me, world = distributed.rank(), distributed.world_size()
+    torch.manual_seed(distributed.rank_seed(seed, me))  # each rank its own dropout masks; rank 0 keeps `seed`
+    student.to(device)
     model = student
     if world > 1:
         if cfg.batch_size < world:
@@ -522,6 +601,7 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
+    start, history = _resumed(resume, student, optimizer, schedule, log)
     # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
     in_workers = bool(kd_weight and num_workers > 0 and isinstance(targets, StoreTargets)
                       and not targets.store.in_memory)
@@ -533,27 +613,35 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     loader = make_loader(dataset, batches, None, num_workers, device)
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
-    for epoch in tqdm(range(cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",
-                      disable=me != 0 or not progress):
-        model.train()
-        batches.epoch = epoch
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)
-        for step, (batch, teacher_logits) in enumerate(
-                prefetched(loader, targets if kd_weight and not in_workers else None, 0 if in_workers else prefetch)):
-            x, y, samples, views = batch[:4]
-            if in_workers:
-                teacher_logits = batch[4]
-            real, scale = batches.share(step, len(train)) if world > 1 else (len(y), 1.0)
-            loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
-                                        kd_weight, device, cfg.ce_weight, teacher_logits, scale)
-            if real:
-                y = y.to(device)
-                totals += torch.tensor([_finite_loss(loss.item(), epoch, what, cfg.optimizer.lr) * len(y),
-                                        (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
-        schedule.step()
-        if world > 1:
-            totals = distributed.all_sum(totals)
-        loss_sum, correct, seen = totals.tolist()
-        val_acc = accuracy(student, val_loader, device=device) if me == 0 else float("nan")
-        log(epoch, {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": val_acc})
+    read_ahead = bool(kd_weight and not in_workers and prefetch > 0)
+    try:
+        for epoch in tqdm(range(start, cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",
+                          initial=start, total=cfg.epochs, disable=me != 0 or not progress):
+            model.train()
+            batches.epoch = epoch
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)
+            with closing(prefetched(loader, targets if kd_weight and not in_workers else None,
+                                    prefetch if read_ahead else 0, batches)) as items:
+                for step, (batch, teacher_logits) in enumerate(items):
+                    x, y, samples, views = batch[:4]
+                    if in_workers:
+                        teacher_logits = batch[4]
+                    real, scale = batches.share(step, len(train)) if world > 1 else (len(y), 1.0)
+                    loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
+                                                kd_weight, device, cfg.ce_weight, teacher_logits, scale, real)
+                    if real:
+                        y = y.to(device)
+                        totals += torch.tensor([_finite_loss(loss.item(), epoch, what, cfg.optimizer.lr) * len(y),
+                                                (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            schedule.step()
+            if world > 1:
+                totals = distributed.all_sum(totals)
+            loss_sum, correct, seen = totals.tolist()
+            val_acc = accuracy(student, val_loader, device=device) if me == 0 else float("nan")
+            _end_epoch(resume, student, optimizer, schedule, epoch,
+                       {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": val_acc}, history, log)
+    finally:
+        close_loader(loader)
+        if val_loader is not None:
+            close_loader(val_loader)
     return student.eval()

@@ -1,15 +1,26 @@
-"""Writing a logit store (layout in `pipeline.store`): chunk by chunk under `<path>.partial`, resumable.
+"""Writing a logit store (layout in `pipeline.store`): chunk by chunk under `<path>.partial`, resumable, one writer
+at a time.
 
-Each chunk is marked done in `chunks_done` only after its arrays are written and flushed, so a writer killed
-at any moment (SIGKILL included) resumes where it stopped, with the same metadata only. Only a store whose
-every chunk is done is marked complete and renamed into place; an existing store at the path is moved aside
-first and deleted only after the new one is in place. At a URL (object storage has no rename) the store is
-written in place and the `complete` mark, written last, is the guard.
+Chunk k is marked done in `chunks_done` only once its arrays are on disk: written, then (a local store) fsynced
+together with the folders that name them, before the mark is written and fsynced in turn. So whether the writer is
+killed (SIGKILL included) or the machine crashes, a chunk marked done was durable before its mark. Resuming still
+reads every chunk marked done (checksums verify on decode; a fill value means the data is missing) and computes
+again any that fail, saying which on stderr. Only a store whose every chunk is done is marked complete and renamed
+into place; an existing store at the path is moved aside first and deleted only after the new one is in place.
+At a URL (object storage has no rename) the store is written in place, the `complete` mark, written last, is the
+guard, and a completed PUT is durable: there is nothing to fsync. `store_lock` keeps a second writer off a local
+store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -39,9 +50,9 @@ def check_logits(block: np.ndarray, first_row: int, dtype: str, where) -> None:
 class StoreWriter:
     """Writes a store chunk by chunk under `<path>.partial`, resuming an interrupted one with the same metadata.
 
-    `pending` lists the chunks still to write; `write(k, logits)` writes chunk k and marks it done after
-    flushing; `finish()` marks the store complete and renames it into place (an existing store at `path` is
-    replaced only by a complete one, never deleted first).
+    `pending` lists the chunks still to write (on resuming, also those marked done that no longer read back);
+    `write(k, logits)` writes chunk k, makes it durable, then marks it done; `finish()` marks the store complete and
+    renames it into place (an existing store at `path` is replaced only by a complete one, never deleted first).
     """
 
     def __init__(self, path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray):
@@ -53,9 +64,11 @@ class StoreWriter:
             if fmt != "zarr":
                 raise StoreError(f"{path}: only zarr stores can live at a URL; use cache.format: zarr or a local path")
             self.path = self.tmp = str(path)
+            # what to fsync: a file:// URL is a local folder; elsewhere a completed PUT is durable
+            self._local = Path(self.tmp[len("file://"):]) if self.tmp.startswith("file://") else None
         else:
             self.path = Path(path)
-            self.tmp = self.path.with_name(self.path.name + ".partial")
+            self.tmp = self._local = self.path.with_name(self.path.name + ".partial")
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
         if self._exists(self.tmp):
             self._resume()
@@ -78,6 +91,8 @@ class StoreWriter:
             group.create_array("labels", data=labels)
             self._done = group.create_array("chunks_done", shape=(meta.num_chunks,), chunks=(1,), dtype=bool,
                                             fill_value=False)
+            if self._local is not None:  # every file and folder of the new store, and its entry in its folder
+                _fsync_tree(self._local)
         else:
             import h5py
 
@@ -89,7 +104,8 @@ class StoreWriter:
                             for name, (width, dtype) in meta.arrays().items()}
             f.create_dataset("labels", data=labels)
             self._done = f.create_dataset("chunks_done", shape=(meta.num_chunks,), dtype=bool, fillvalue=False)
-            f.flush()
+            self._sync([])
+            _fsync(self.tmp.parent)
 
     def _exists(self, where) -> bool:
         if not self.url:
@@ -115,6 +131,10 @@ class StoreWriter:
             raise StoreError(f"{self.tmp}: an interrupted store made with other parameters; refusing to mix them "
                              "in. Differences (interrupted vs now):\n  " + "\n  ".join(differences) +
                              f"\nRun with the same parameters to resume it, or delete {self.tmp} to start over")
+        from pipeline import distributed
+
+        if distributed.rank() == 0:  # under torchrun the other ranks open the partial rank 0 has just checked
+            self._recheck_done()
 
     def _open_partial(self):
         if self.fmt == "zarr":
@@ -125,12 +145,49 @@ class StoreWriter:
         self._file = f = h5py.File(self.tmp, "r+")
         return dict(f.attrs), f.__getitem__
 
+    def _recheck_done(self) -> None:
+        """Read back every chunk marked done and un-mark (durably) each that fails, saying which and why on stderr,
+        so that it is computed again: a machine crash can leave a mark whose data never reached the disk, or a disk
+        can damage a chunk. Checksums verify on decode; a fill value (NaN logits, class index -1) is missing data."""
+        try:
+            done = np.asarray(self._done[:])
+        except Exception:  # noqa: BLE001 -- a torn mark: read the marks one by one
+            done = np.zeros(self.meta.num_chunks, dtype=bool)
+            for k in range(self.meta.num_chunks):
+                try:
+                    done[k] = bool(self._done[k])
+                except Exception as e:  # noqa: BLE001 -- whatever the damage, the chunk is computed again
+                    self._unmark(k, f"chunk {k}'s done mark cannot be read ({type(e).__name__}: {str(e)[:100]})")
+        for k in np.flatnonzero(done).tolist():
+            reason = self._fault(k)
+            if reason:
+                self._unmark(k, f"chunk {k} marked done but {reason}")
+
+    def _fault(self, k: int) -> str | None:
+        """Why chunk k does not read back as written data, or None when it does."""
+        first, stop = self.meta.chunk_rows(k)
+        for name, array in self._arrays.items():
+            try:
+                values = np.asarray(array[first:stop])
+            except Exception as e:  # noqa: BLE001 -- zarr, numcodecs and h5py raise various errors for damage
+                return f"failed its checksum or cannot be decoded ({name}: {type(e).__name__}: {str(e)[:100]})"
+            missing = ~np.isfinite(values) if values.dtype.kind == "f" else values < 0
+            if missing.any():
+                return (f"holds {int(missing.sum())} fill values ({name} reads as {values[missing][0]}): "
+                        "its data never reached the disk")
+        return None
+
+    def _unmark(self, k: int, why: str) -> None:
+        print(f"{self.tmp}: {why}: recomputing", file=sys.stderr, flush=True)
+        self._done[k] = False
+        self._sync(self._mark_files(k))
+
     @property
     def chunks_done(self) -> int:
         return int(np.asarray(self._done[:]).sum())
 
     def write(self, k: int, logits: np.ndarray) -> None:
-        """Write chunk k (`logits`: its rows, (rows, V, C) float32), flush, then mark it done."""
+        """Write chunk k (`logits`: its rows, (rows, V, C) float32), make it durable, then mark it done (durably)."""
         first, stop = self.meta.chunk_rows(k)
         expected = (stop - first, self.meta.num_views, self.meta.num_classes)
         if logits.shape != expected:
@@ -139,13 +196,38 @@ class StoreWriter:
         encoded = topk.encode(self.meta.storage, logits, self.meta.top_k)
         for name, array in self._arrays.items():
             array[first:stop] = encoded[name].astype(array.dtype)
-        self._flush()
+        self._sync(self._chunk_files(k))  # the data is on disk before the mark says so
         self._done[k] = True
-        self._flush()
+        self._sync(self._mark_files(k))
 
-    def _flush(self) -> None:
+    def _chunk_files(self, k: int) -> list[Path]:
+        """The files holding chunk k of every array of a local zarr store (none for HDF5 and object storage)."""
+        if self.fmt != "zarr" or self._local is None:
+            return []
+        return [self._local / name / array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
+                for name, array in self._arrays.items()]
+
+    def _mark_files(self, k: int) -> list[Path]:
+        if self.fmt != "zarr" or self._local is None:
+            return []
+        return [self._local / "chunks_done" / self._done.metadata.encode_chunk_key((k,))]
+
+    def _sync(self, files: list[Path]) -> None:
+        """Make what was written durable: HDF5, flush the file and fsync it; a local zarr store, fsync `files` and
+        every folder from theirs up to their array's (new chunks add entries to each); at a URL, nothing."""
         if self._file is not None:
             self._file.flush()
+            os.fsync(self._file.id.get_vfd_handle())
+            return
+        folders = set()
+        for file in files:
+            _fsync(file)
+            folder = file.parent
+            while folder != self._local:
+                folders.add(folder)
+                folder = folder.parent
+        for folder in sorted(folders, key=lambda p: -len(p.parts)):  # deepest first
+            _fsync(folder)
 
     def finish(self) -> None:
         """Mark complete (every chunk must be done) and rename into place, replacing `path` atomically enough:
@@ -157,8 +239,12 @@ class StoreWriter:
                              f"(first missing: chunk {missing[0]}); run `kd cache` again to finish it")
         if self.fmt == "zarr":
             open_zarr(self.tmp, mode="r+").attrs["complete"] = True
+            if self._local is not None:  # zarr.json is replaced by a rename: the file and its folder
+                _fsync(self._local / "zarr.json")
+                _fsync(self._local)
         else:
             self._file.attrs["complete"] = True
+            self._sync([])
         self.close()
         if self.url:
             return
@@ -167,6 +253,7 @@ class StoreWriter:
         if self.path.exists():
             self.path.rename(old)
         self.tmp.rename(self.path)
+        _fsync(self.path.parent)  # the renames
         _remove(old)
 
     def close(self) -> None:
@@ -188,6 +275,64 @@ def write_store(path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray,
         writer.finish()
     finally:
         writer.close()
+
+
+@contextlib.contextmanager
+def store_lock(path: str | Path):
+    """Hold `<path>.lock`, beside the store, for the block: a second writer of the same local store is refused at
+    once, naming the holder (pid, host, start time: the lock file's text). An flock, so a holder that dies however it
+    dies (SIGKILL included) releases it; the file is removed on leaving. A URL store takes no lock."""
+    if is_url(path):
+        yield
+        return
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() or "a process that has not written its name yet"
+            os.close(fd)
+            raise StoreError(f"{path}: another `kd cache` is writing this store: {holder} (lock file {lock}); wait "
+                             "for it to end or stop it, then run this command again") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder we waited on removed this file as we opened it: lock the one at the path now
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode())
+    try:
+        yield
+    finally:
+        os.unlink(lock)  # before unlocking: who opens the path next gets a new file, never this unlocked one
+        os.close(fd)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or folder (a chunk zarr did not write, being all fill values, is skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, `root` itself and its parent folder."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+    _fsync(root.parent)
 
 
 def _remove(path: Path) -> None:

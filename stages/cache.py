@@ -25,21 +25,30 @@ def cache(ctx, params_path, device, teacher_path, out):
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the store to write)")
+    import contextlib
+
     from pipeline import distributed
-    from pipeline.data import load_dataset
+    from pipeline.data import check_augment, input_transform, load_dataset
     from pipeline.models import load_checkpoint
+    from pipeline.replay import build_augment
     from pipeline.train import cache_teacher_logits
+    from pipeline.writer import store_lock
 
     params, device = setup(params_path, device)
-    device = distributed.init(device)  # under torchrun: one rank per process, each on its own GPU
-    data = load_dataset(params.data)
-    teacher, ckpt = load_checkpoint(teacher_path)
-    cfg = params.cache
-    try:
-        meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
-                                             params.augment, data.mean, data.std, device, params.num_workers)
-    finally:
-        distributed.close()
+    # one run writes a store at a time: a second is refused here, before any work (the ranks of one torchrun run
+    # share the store, so only rank 0 takes the lock; if it is refused, torchrun stops the other ranks)
+    with store_lock(out) if distributed.rank() == 0 else contextlib.nullcontext():
+        device = distributed.init(device)  # under torchrun: one rank per process, each on its own GPU
+        data = load_dataset(params.data)
+        if len(data.train):  # refuse an augmentation the images do not fit before the store is begun
+            check_augment(input_transform(build_augment(params.augment), data.mean, data.std), data.train.images[0])
+        teacher, ckpt = load_checkpoint(teacher_path)
+        cfg = params.cache
+        try:
+            meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
+                                                 params.augment, data.mean, data.std, device, params.num_workers)
+        finally:
+            distributed.close()
     if distributed.rank() != 0:
         return
     if resumed:
@@ -53,11 +62,13 @@ def cache(ctx, params_path, device, teacher_path, out):
 @params_option
 @device_option
 @teacher_option
-@click.option("--samples", default=64, show_default=True, help="Random (sample, view) entries to recompute.")
+@click.option("--samples", default=64, show_default=True,
+              help="Random (sample, view) entries to recompute; 0 recomputes none (chunks and fingerprints are still "
+                   "checked); negative is refused.")
 @stage
 def verify(store_path, params_path, device, teacher_path, samples):
     """Check every chunk of STORE (present, checksum, finite), that it belongs to this teacher and data, and
-    recompute SAMPLES random (sample, view) logits with the teacher; exit 1 on any difference."""
+    recompute SAMPLES random (sample, view) logits with the teacher (none for 0); exit 1 on any difference."""
     import numpy as np
     import torch
 
@@ -68,6 +79,8 @@ def verify(store_path, params_path, device, teacher_path, samples):
     from pipeline.store import LogitStore
     from pipeline.train import prepare_teacher, teacher_forward
 
+    if samples < 0:
+        raise KDError(f"--samples is {samples}; expected the number of entries to recompute, >= 0 (0: none)")
     params, device = setup(params_path, device)
     store = LogitStore(store_path, max_memory_bytes=0)
     meta = store.meta
@@ -78,6 +91,9 @@ def verify(store_path, params_path, device, teacher_path, samples):
     teacher, _ = load_checkpoint(teacher_path)
     store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train))
     click.echo("teacher and dataset fingerprints match")
+    if samples == 0:
+        click.echo("no (sample, view) entries recomputed (--samples 0)")
+        return
     rng = np.random.default_rng(0)
     rows = rng.integers(meta.num_samples, size=samples)
     views = rng.integers(meta.num_views, size=samples)

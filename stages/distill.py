@@ -17,11 +17,18 @@ from stages.common import device_option, live_log, open_run_store, params_option
 @click.option("--baseline", is_flag=True, help="Train the student alone (kd_weight 0) on the same views.")
 @stage
 def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
-    """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes)."""
+    """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes).
+
+    Resumable: after every epoch the run's state goes to OUT.resume; the same command after a kill continues from
+    it (weights bit-identical to an uninterrupted run on the CPU), and it is deleted once OUT is written.
+    """
+    import dataclasses
+
     from pipeline import KDError, distributed
-    from pipeline.data import input_transform, load_dataset
-    from pipeline.models import build_model, load_checkpoint, save_checkpoint
+    from pipeline.data import fingerprint, input_transform, load_dataset
+    from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment
+    from pipeline.resume import resume_at
     from pipeline.train import PREFETCH, accuracy, distill as run_distill, online_targets, store_targets
 
     params, device = setup(params_path, device)
@@ -36,24 +43,30 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
             if cache_path is None:
                 raise KDError("distill.teacher_source is cache but no --cache store was given")
             store = open_run_store(cache_path, params.memory_mb, teacher, data, augment, replay_seed, num_views,
-                                   params.cache.chunk_samples)
+                                   params.cache.chunk_samples, storage=params.cache.storage,
+                                   top_k=params.cache.top_k, dtype=params.cache.dtype, amp=params.cache.amp)
             targets = store_targets(store, cfg.temperature, cfg.topk_tail)
+            teacher_facts = (store.meta.teacher_fingerprint, store.meta.dataset_fingerprint)
             prefetch = 0 if store.in_memory else PREFETCH
             if not store.in_memory and distributed.rank() == 0:
                 _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
         else:
             targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
+            teacher_facts = (weights_fingerprint(teacher), fingerprint(data.train))
         in_channels, image_size = data.image_shape[0], data.image_shape[-1]
         student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
                               seed=params.seed)
         transform = input_transform(build_augment(augment), mean, std)
         eval_transform = input_transform(None, mean, std)
         me = distributed.rank()
+        resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, replay_seed, num_views,
+                           params.cache.chunk_samples, params.cache.amp, dataclasses.asdict(cfg), baseline,
+                           teacher_facts)
         with live_log(live_dir if me == 0 else None) as log:
             run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views,
                         cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
                         num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples,
-                        prefetch=prefetch, log=log)
+                        prefetch=prefetch, log=log, resume=resume)
     finally:
         distributed.close()
     if me != 0:  # rank 0 reports and writes
@@ -62,6 +75,7 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
     save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)
+    resume.clear()
 
 
 def _out_of_core_advice(store, shuffle_chunks: int, memory_mb: int) -> None:

@@ -19,7 +19,8 @@ TIMING = {"batch_size": 256, "warmup": 3, "repeats": 10}  # inference timing: te
               help="dvclive directory of the distilled student.")
 @click.option("--baseline-live", default="reports/live/baseline", show_default=True,
               help="dvclive directory of the baseline.")
-@click.option("--cache", "cache_path", default=None, help="The logit store, for the report's cache facts.")
+@click.option("--cache", "cache_path", default=None,
+              help="The logit store (a path, or a URL as `kd cache --out` takes), for the report's cache facts.")
 @click.option("--search-figure", default=None, help="`kd search`'s figure, embedded when the file exists.")
 @click.option("--search-csv", default=None, help="`kd search`'s trials, summarised when the file exists.")
 @click.option("--metrics", "metrics_path", default="reports/metrics.json", show_default=True)
@@ -34,7 +35,6 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, tea
              baseline_live, cache_path, search_figure, search_csv, metrics_path, report_path, html_path,
              confusion_path, figures_dir):
     """Score the models on the test split, print the verdict, write metrics, figures and report."""
-    import json
     from pathlib import Path
 
     import torch
@@ -91,7 +91,7 @@ def evaluate(params_path, device, teacher_path, student_path, baseline_path, tea
     r.write_text(report_path, render.to_markdown(sections, "Distillation report", Path(report_path).parent))
     r.write_text(html_path, render.to_html(sections, "Distillation report"))
     r.write_text(confusion_path, r.confusion_csv(labels, logits["student"].argmax(1), classes))
-    r.write_text(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    r.write_text(metrics_path, r.json_text(metrics))  # strict JSON: a NaN (e.g. a class without test images) is null
     click.echo(f"Teacher test accuracy: {100 * metrics['teacher_acc']:.2f} %")
     click.echo(f"Baseline (student alone) test accuracy: {100 * metrics['baseline_acc']:.2f} %")
     click.echo(f"Student model test accuracy: {100 * metrics['student_acc']:.2f} %")

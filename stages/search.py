@@ -23,28 +23,30 @@ from stages.common import device_option, open_run_store, params_option, setup, s
 @stage
 def search(params_path, device, teacher_path, cache_path, out, figure, metrics_path, write_params):
     """Search distill.temperature and distill.kd_weight (params `search`), scored on the validation split."""
-    import json
-
     from pipeline import KDError
     from pipeline.data import load_dataset
     from pipeline.models import load_checkpoint
-    from pipeline.report import write_text
+    from pipeline.report import json_text, write_text
     from pipeline.search import best_summary, config_hash, plot_search, search as run_search, write_best_params
 
     params, device = setup(params_path, device)
     data = load_dataset(params.data)
     teacher, _ = load_checkpoint(teacher_path)
     memory_bytes = params.memory_mb << 20
-    store = open_run_store(cache_path, params.memory_mb, teacher, data, params.augment, params.cache.seed,
-                           params.cache.num_views, params.cache.chunk_samples)
     cfg = params.search
+    # With worker processes each worker reads the store within memory_mb itself; here only its metadata is read,
+    # so the store is held processes times at most, not once more in this process.
+    store = open_run_store(cache_path, params.memory_mb if cfg.processes == 1 else 0, teacher, data, params.augment,
+                           params.cache.seed, params.cache.num_views, params.cache.chunk_samples,
+                           storage=params.cache.storage, top_k=params.cache.top_k, dtype=params.cache.dtype,
+                           amp=params.cache.amp)
     config = config_hash(store.meta, params.distill, cfg.epochs, params.seed, params.data)
     # Only the training and validation splits go in: the test split is never read to choose T and λ.
     rows = run_search(store, data.train, data.val, params.distill, cfg, seed=params.seed, config=config, out=out,
                       device=device, memory_bytes=memory_bytes, num_workers=params.num_workers, echo=click.echo)
     plot_search(rows, figure)
     best = best_summary(rows)
-    write_text(metrics_path, json.dumps(best, indent=2) + "\n")
+    write_text(metrics_path, json_text(best))
     if best["val_acc"] is None:
         click.echo("No trials run (search.trials is 0)" if not rows else "Every trial diverged")
         if write_params:

@@ -14,11 +14,17 @@ from stages.common import device_option, live_log, params_option, setup, stage
               help="Folder that teacher.checkpoint must lie in (the folder dvc.yaml tracks for this stage).")
 @stage
 def teacher(params_path, device, out, live_dir, checkpoint_dir):
-    """Train the teacher on the training split (or take teacher.checkpoint) and save it to OUT."""
+    """Train the teacher on the training split (or take teacher.checkpoint) and save it to OUT.
+
+    Training is resumable: after every epoch its state goes to OUT.resume; the same command after a kill continues
+    from it (bit-identical weights on the CPU), and it is deleted once OUT is written."""
+    import dataclasses
+
     from pipeline import KDError
-    from pipeline.data import input_transform, load_dataset
+    from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint
     from pipeline.replay import build_augment
+    from pipeline.resume import resume_at
     from pipeline.train import accuracy, train_teacher
 
     params, device = setup(params_path, device)
@@ -40,7 +46,13 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
                 raise KDError(f"{cfg.checkpoint}: teacher takes {ckpt['in_channels']} channels and "
                               f"predicts {ckpt['num_classes']} classes; the dataset has {in_channels} and "
                               f"{data.num_classes}")
-            arch, options, image_size = ckpt["arch"], ckpt["options"], ckpt["image_size"]
+            from pipeline.data import check_augment
+            from pipeline.models import check_input_shape
+
+            check_input_shape(model, ckpt, cfg.checkpoint, data.image_shape)
+            # the cache replays `augment` next: refuse a misfit here, before that stage writes anything
+            check_augment(input_transform(build_augment(params.augment), data.mean, data.std), data.train.images[0])
+            arch, options, image_size = ckpt["arch"], ckpt.get("options") or {}, ckpt.get("image_size")
             model.to(device)
             # One logged step, so the stage's metrics exist whichever way the teacher came.
             log(0, {"val_acc": accuracy(model, data.val, eval_transform, device, params.num_workers)})
@@ -49,8 +61,12 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
             model = build_model(arch, in_channels, data.num_classes, options, image_size, seed=params.seed)
             augment = params.augment if cfg.augment is None else cfg.augment
             transform = input_transform(build_augment(augment), data.mean, data.std)
+            resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, dataclasses.asdict(cfg),
+                               fingerprint(data.train))
             train_teacher(model, data.train, data.val, transform, eval_transform, cfg.epochs, cfg.batch_size,
-                          cfg.optimizer, params.seed, device, params.num_workers, log)
+                          cfg.optimizer, params.seed, device, params.num_workers, log, resume)
     val_acc = accuracy(model, data.val, eval_transform, device, params.num_workers)
     click.echo(f"Teacher ({arch}) validation accuracy: {100 * val_acc:.2f} %")
     save_checkpoint(model, arch, in_channels, data.num_classes, out, options, image_size)
+    if not cfg.checkpoint:
+        resume.clear()

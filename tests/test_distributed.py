@@ -84,3 +84,49 @@ def test_two_ranks_reach_one_process_accuracy_with_batchnorm(run, tmp_path):
         out = distill(params, run, tmp_path / f"s{ranks}.pt", ranks)
         accs.append(float(out.split("validation accuracy: ")[1].split(" %")[0]))
     assert abs(accs[0] - accs[1]) <= 5.0, accs
+
+
+RANK_MASKS = r'''
+import sys
+import torch
+from torch import nn
+from pipeline import distributed
+from pipeline.data import input_transform, load_dataset
+from pipeline.models import build_model
+from pipeline.params import load_params
+from pipeline.replay import build_augment
+from pipeline.train import distill
+
+params = load_params(sys.argv[1])
+device = distributed.init(torch.device("cpu"))
+data = load_dataset(params.data)
+student = build_model("mlp", 1, data.num_classes, {"hidden_sizes": [16], "dropout": 0.5}, 8, seed=0)
+masks = []
+for module in student.modules():
+    if isinstance(module, nn.Dropout):
+        module.register_forward_hook(lambda m, i, o: masks.append((o == 0).flatten()[:256].clone()))
+distill(student, data.train, data.val, None, input_transform(build_augment(params.augment), data.mean, data.std),
+        input_transform(None, data.mean, data.std), params.cache.seed, params.cache.num_views, params.distill,
+        kd_weight=0.0, seed=params.seed, device=device, progress=False)
+torch.save(masks[0], f"{sys.argv[2]}/rank{distributed.rank()}.pt")
+distributed.close()
+'''
+
+
+def test_ranks_draw_their_own_dropout_masks(tmp_path):
+    """Every rank seeds its generator with its own seed (rank 0 keeps `seed`): two ranks never draw the same
+    dropout masks, which they did when every rank seeded with `seed`."""
+    from pipeline.distributed import rank_seed
+
+    params = write_params(tmp_path / "params.yaml", **{"distill.epochs": 1, "data.train_subset": 256,
+                                                       "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})
+    script = tmp_path / "masks.py"
+    script.write_text(RANK_MASKS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(params), str(tmp_path)], env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert first.float().mean().item() == pytest.approx(0.5, abs=0.15)
+    assert not torch.equal(first, second)
+    assert rank_seed(7, 0) == 7 and len({rank_seed(7, r) for r in range(8)}) == 8

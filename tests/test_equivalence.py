@@ -189,3 +189,54 @@ def test_cache_workers_running_the_teacher_write_the_same_store(teacher, train_s
         cache_teacher_logits(path, cfg, teacher, "cnn", train_subset, 10, spec, MEAN, STD, CPU, num_workers=workers)
         stored.append(LogitStore(path).read(np.repeat(np.arange(96), 2), np.tile(np.arange(2), 96)))
     np.testing.assert_array_equal(stored[0], stored[1])
+
+
+@pytest.mark.parametrize("student", ["mlp_dropout", "tiny_cnn"])
+def test_every_read_path_and_the_live_teacher_train_the_same_student_bit_for_bit(
+        student, teacher, train_subset, dataset, tmp_path):
+    """The promise "same bits, whatever the path": a student with dropout (draws on torch's generator every step)
+    and one with BatchNorm, trained from a float32 store in memory, read in line from disk, read ahead in a thread
+    (which only reads the store: replay stays in the training thread), read by two DataLoader workers, and with
+    the teacher run live on the same views: all equal, bit for bit, and again when run a second time."""
+    path = make_store(tmp_path / "s.zarr", "zarr", "float32", teacher, train_subset, chunk_samples=16)
+    cfg = load_params(write_params(tmp_path / "p.yaml", **{
+        "distill.epochs": 2, "distill.batch_size": 16, "distill.shuffle_chunks": 2, "distill.view_schedule": "random",
+        "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})).distill
+    paths = [("memory", 1 << 30, 0, 0), ("in line", 0, 0, 0), ("read ahead", 0, 4, 0), ("2 workers", 0, 0, 2),
+             ("online", None, 0, 0)]
+    weights = {}
+    for name, budget, prefetch, workers in paths:
+        for attempt in range(2):
+            if budget is None:
+                targets = online_targets(teacher, CPU)
+            else:
+                store = LogitStore(path, max_memory_bytes=budget)
+                assert store.in_memory == bool(budget)
+                targets = store_targets(store)
+            model = (build_model("mlp", 1, 10, {"hidden_sizes": [32], "dropout": 0.5, "input_dropout": 0.2}, 8, seed=0)
+                     if student == "mlp_dropout" else build_model("tiny_cnn", 1, 10, seed=0))
+            distill(model, train_subset, dataset.val, targets, TRANSFORM, EVAL, 7, 3, cfg, kd_weight=1.0, seed=0,
+                    device=CPU, chunk_samples=16, prefetch=prefetch, num_workers=workers)
+            weights[name, attempt] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    reference = weights["memory", 0]
+    different = [key for key, w in weights.items() if not torch.equal(w, reference)]
+    assert not different, different
+
+
+def test_replay_refuses_to_run_outside_the_main_thread(train_subset):
+    """Replay reseeds torch's global generator: in a second thread it could interleave with the training step's
+    dropout draws, so it is refused there by construction, not left to timing."""
+    import threading
+
+    errors = []
+
+    def replay():
+        try:
+            replay_view(train_subset.images[0], TRANSFORM, 7, 0, 0)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=replay, name="reader")
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in errors[0]

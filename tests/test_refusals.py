@@ -152,3 +152,117 @@ def test_a_diverging_student_stops_with_a_clear_error_not_a_chance_level_model(m
                     "--out", tmp_path / "student.pt")
     assert refused(result, "distillation diverged: the loss became", "lower the learning rate (now 1e+06)")
     assert not (tmp_path / "student.pt").exists()
+
+
+def test_a_users_checkpoint_without_options_or_image_size_is_taken(tmp_path):
+    model = build_model("tiny_cnn", 1, 10, seed=0)
+    torch.save({"arch": "tiny_cnn", "in_channels": 1, "num_classes": 10, "state_dict": model.state_dict()},
+               tmp_path / "mine.pt")  # the README's minimal dict: no "options", no "image_size"
+    params = write_params(tmp_path / "params.yaml", **{"teacher.checkpoint": str(tmp_path / "mine.pt")})
+    result = invoke("teacher", "--params", params, "--out", tmp_path / "teacher.pt")
+    assert result.exit_code == 0, (result.output, result.exception)
+    copied = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    assert (copied["options"], copied["image_size"]) == ({}, None)
+
+
+def test_a_checkpoint_for_another_image_size_is_refused_naming_both_sizes(tmp_path):
+    model = build_model("mlp", 1, 10, {"hidden_sizes": [16]}, image_size=16)
+    save_checkpoint(model, "mlp", 1, 10, tmp_path / "big.pt", {"hidden_sizes": [16]}, image_size=16)
+    params = write_params(tmp_path / "params.yaml", **{"teacher.checkpoint": str(tmp_path / "big.pt")})
+    result = invoke("teacher", "--params", params, "--out", tmp_path / "teacher.pt")
+    assert refused(result, f"{tmp_path / 'big.pt'}: teacher 'mlp' was made for 16x16 images",
+                   "the data's images, 1x8x8", "set data.image_size: 16")
+    assert not (tmp_path / "teacher.pt").exists()
+
+
+CROP_TOO_LARGE = {"augment": [{"RandomHorizontalFlip": {"p": 0.5}}, {"RandomCrop": {"size": 10}}]}
+
+
+def test_an_augmentation_larger_than_the_images_is_refused_by_the_teacher(tmp_path):
+    params = write_params(tmp_path / "params.yaml", **CROP_TOO_LARGE)
+    result = invoke("teacher", "--params", params, "--out", tmp_path / "teacher.pt")
+    assert refused(result, "augment[1]: RandomCrop(size=(10, 10)", "of size 1x8x8", "data.image_size")
+    assert not (tmp_path / "teacher.pt").exists()
+
+
+def test_an_augmentation_larger_than_the_images_is_refused_with_a_users_checkpoint(made, tmp_path):
+    root, _ = made
+    params = write_params(tmp_path / "params.yaml", **CROP_TOO_LARGE,
+                          **{"teacher.checkpoint": str(root / "teacher.pt")})
+    result = invoke("teacher", "--params", params, "--out", tmp_path / "teacher.pt")
+    assert refused(result, "augment[1]: RandomCrop(size=(10, 10)", "of size 1x8x8")
+
+
+def test_an_augmentation_larger_than_the_images_is_refused_by_the_cache(made, tmp_path):
+    root, _ = made
+    params = write_params(tmp_path / "params.yaml", **CROP_TOO_LARGE)
+    result = invoke("cache", "--params", params, "--teacher", root / "teacher.pt", "--out", tmp_path / "s.zarr")
+    assert refused(result, "augment[1]: RandomCrop(size=(10, 10)", "of size 1x8x8")
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "s.zarr.partial").exists()  # nothing begun
+
+
+def test_verify_with_zero_samples_checks_chunks_and_fingerprints_only(copy):
+    store, params, teacher = copy("zarr")
+    result = invoke("cache", "verify", store, "--params", params, "--teacher", teacher, "--samples", 0)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "checksums and values valid" in result.output and "fingerprints match" in result.output
+    assert "no (sample, view) entries recomputed (--samples 0)" in result.output
+    result = invoke("cache", "verify", store, "--params", params, "--teacher", teacher, "--samples", -1)
+    assert refused(result, "--samples is -1; expected", ">= 0")
+
+
+@pytest.fixture(scope="module")
+def topk_store(made):
+    """A top-3 store of the made teacher, written by `kd cache`."""
+    root, _ = made
+    params = write_params(root / "topk.yaml", **{"cache.storage": "topk", "cache.top_k": 3})
+    result = invoke("cache", "--params", params, "--teacher", root / "teacher.pt", "--out", root / "topk.zarr")
+    assert result.exit_code == 0, result.output
+    return root / "topk.zarr"
+
+
+def search(store, params, teacher):
+    out = store.parent / "search"
+    return invoke("search", "--params", params, "--teacher", teacher, "--cache", store, "--out", out / "s.csv",
+                  "--figure", out / "s.png", "--metrics", out / "s.json")
+
+
+@pytest.mark.parametrize("override, field", [
+    ({}, "storage: store topk, this run full"),
+    ({"cache.storage": "topk", "cache.top_k": 5}, "top_k: store 3, this run 5"),
+    ({"cache.storage": "topk", "cache.top_k": 3, "cache.dtype": "float32"}, "dtype: store float16, this run float32"),
+    ({"cache.storage": "topk", "cache.top_k": 3, "cache.amp": "bfloat16"}, "amp: store off, this run bfloat16"),
+])
+@pytest.mark.parametrize("stage", ["distill", "search"])
+def test_a_store_of_other_storage_dtype_or_amp_is_refused_naming_the_field(made, topk_store, tmp_path, override,
+                                                                           field, stage):
+    root, _ = made
+    params = write_params(tmp_path / "params.yaml", **override)
+    run = search if stage == "search" else distill
+    assert refused(run(topk_store, params, root / "teacher.pt"), "does not belong to this run", field)
+
+
+def test_amp_auto_accepts_a_store_whatever_precision_it_resolved_to(made, topk_store):
+    from pipeline.data import load_dataset
+    from pipeline.models import load_checkpoint
+    from pipeline.params import load_params
+    from stages.common import open_run_store
+
+    root, params = made
+    p = load_params(params["zarr"])
+    teacher, _ = load_checkpoint(root / "teacher.pt")
+    data = load_dataset(p.data)
+    c = p.cache
+    store = open_run_store(topk_store, 0, teacher, data, p.augment, c.seed, c.num_views, c.chunk_samples,
+                           storage="topk", top_k=3, dtype=c.dtype, amp="auto")
+    assert store.meta.amp == "off"  # cached on the CPU; a GPU cache (float16) is accepted the same way
+
+
+def test_the_augmentation_check_leaves_the_global_generator_as_it_was():
+    from pipeline.data import check_augment, input_transform
+    from pipeline.replay import build_augment
+
+    transform = input_transform(build_augment([{"RandomAffine": {"degrees": 10}}]), (0.0,), (1.0,))
+    state = torch.get_rng_state()
+    check_augment(transform, torch.zeros(1, 8, 8, dtype=torch.uint8))
+    assert torch.equal(torch.get_rng_state(), state)

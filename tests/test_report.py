@@ -12,7 +12,7 @@ from pipeline import KDError
 from pipeline.metrics import (agreement, calibration_bins, confusion_matrix, expected_calibration_error, gap_closed,
                               per_class_accuracy)
 from pipeline.models import build_model, save_checkpoint
-from pipeline.report import gap_text, read_history, read_search
+from pipeline.report import gap_text, json_text, read_history, read_search, search_section
 from pipeline.store import LogitStore
 from stages.cli import kd
 from conftest import make_store, write_params
@@ -218,3 +218,44 @@ def test_html_is_self_contained(run, request):
     assert re.findall(r'src="(?!data:)', page) == [] and re.findall(r"url\(", page) == []
     assert re.findall(r'href="(?!#)', page) == []  # only links within the page
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page
+
+
+DIVERGED_FIRST = SEARCH_CSV.replace("0,0,2.0,0.5,0,2,0.91,", "0,0,2.0,0.5,0,2,nan,")
+
+
+def test_a_diverged_trial_is_never_the_best_and_all_diverged_is_said(tmp_path):
+    (tmp_path / "search.csv").write_text(DIVERGED_FIRST)
+    assert read_search(tmp_path / "search.csv") == {"trials": 3, "rounds": 2, "best_temperature": 4.0,
+                                                   "best_kd_weight": 0.9, "best_val_acc": 0.95, "best_trial": 1}
+    (tmp_path / "all.csv").write_text(SEARCH_CSV.replace(",0.91,", ",nan,").replace(",0.95,", ",nan,")
+                                      .replace(",0.93,", ",nan,"))
+    summary = read_search(tmp_path / "all.csv")
+    assert summary["trials"] == 3 and summary["best_val_acc"] is None and summary["best_trial"] is None
+    text = search_section(summary, None, "all.csv").blocks[0]
+    assert "Every trial diverged" in text and "T = " not in text
+
+
+def test_json_text_writes_null_for_non_finite_numbers():
+    value = {"a": float("nan"), "b": [1.0, float("inf"), np.float64("-inf")], "c": {"d": 0.5, "e": None}}
+    assert json.loads(json_text(value)) == {"a": None, "b": [1.0, None, None], "c": {"d": 0.5, "e": None}}
+
+
+def strict_json(path):
+    """The file's JSON, refusing NaN and Infinity (not JSON; Python's json.dumps writes them by default)."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_evaluate_reads_a_store_at_a_url_and_skips_a_diverged_search_trial(project):
+    (project / "diverged").mkdir()
+    (project / "diverged/search.csv").write_text(DIVERGED_FIRST)
+    run_evaluate(project, "at_url", "--teacher-live", project / "live/teacher", "--cache",
+                 f"file://{project / 'store.zarr'}", "--search-csv", project / "diverged/search.csv")
+    metrics = strict_json(project / "at_url/metrics.json")
+    assert metrics["cache"]["path"] == f"file://{project / 'store.zarr'}" and metrics["cache"]["bytes"] > 0
+    assert metrics["cache"]["bytes"] == sum(f.stat().st_size for f in (project / "store.zarr").rglob("*")
+                                            if f.is_file())
+    assert metrics["search"]["best_trial"] == 1 and metrics["search"]["best_val_acc"] == 0.95
+    assert "T = **4**, λ = **0.9**" in (project / "at_url/report.md").read_text()

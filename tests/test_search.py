@@ -271,3 +271,41 @@ def test_no_trials_still_writes_a_figure_and_metrics(tmp_path):
                 "val_acc": float("nan"), "seconds": 0.1, "config": "abc"}
     plot_search([diverged], tmp_path / "diverged.png")
     assert best_summary([diverged])["val_acc"] is None
+
+
+def test_one_process_keeps_the_users_thread_setting(tiny, monkeypatch):
+    import pipeline.search
+    from pipeline.search import trial_runner, trial_threads
+
+    store, train, val, params = tiny
+    before = torch.get_num_threads()
+    monkeypatch.setattr(pipeline.search, "cores", lambda: 8)
+    try:
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 sets it: another job shares the cores
+        with trial_runner(store, train, val, params.distill, seed=0, device=torch.device("cpu"), processes=1,
+                          memory_bytes=0):
+            assert torch.get_num_threads() == 1  # not one per core
+        assert (trial_threads(1), trial_threads(2)) == (1, 1)
+        torch.set_num_threads(4)
+        assert (trial_threads(1), trial_threads(2), trial_threads(3), trial_threads(8)) == (4, 2, 1, 1)
+        monkeypatch.setattr(pipeline.search, "cores", lambda: 2)
+        assert trial_threads(1) == 2  # never more threads than cores
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("processes, in_memory", [(1, True), (2, False)])
+def test_with_worker_processes_the_kd_process_does_not_hold_the_store(project, tmp_path, monkeypatch, processes,
+                                                                      in_memory):
+    import pipeline.search
+
+    seen = []
+
+    def no_trials(store, *args, **kwargs):
+        seen.append(store.in_memory)
+        return []
+
+    monkeypatch.setattr(pipeline.search, "search", no_trials)
+    params = write_params(tmp_path / "params.yaml", **{**SEARCH, "search.processes": processes})
+    assert "No trials run" in kd_search(project, params, tmp_path)
+    assert seen == [in_memory]  # with workers, each worker holds it (within memory_mb), not also this process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -326,6 +327,30 @@ def test_cifar_data_of_the_wrong_shape_is_refused(tmp_path):
         load_source("cifar10", tmp_path)
 
 
+@pytest.mark.parametrize("labels, found", [([[1, 2], [3]], "is a ragged list"),
+                                           ([[1], [2]], r"is of shape \(2, 1\)"),
+                                           (["a", "b"], r"is of shape \(2,\) and dtype <U1"),
+                                           ([1, 2, 3], r"is of shape \(3,\)")])
+def test_cifar_labels_that_are_not_one_integer_per_image_name_file_and_key(tmp_path, labels, found):
+    members, batches = cifar10_members()
+    batches["data_batch_4"][b"labels"] = labels
+    members["data_batch_4"] = pickle.dumps(batches["data_batch_4"], protocol=2)
+    write_folder(tmp_path / "cifar-10-batches-py", members)
+    with pytest.raises(KDError, match=rf"data_batch_4: 'labels' {found}.*expected a list of 2 integers"):
+        load_source("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("names, found", [(5, "is int 5"),
+                                          ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], r"is a list holding 0 \(int\)"),
+                                          ([b"cat", b"dog"], "is a list of 2 names")])
+def test_cifar_label_names_that_are_not_a_list_of_strings_name_file_and_key(tmp_path, names, found):
+    members, _ = cifar10_members()
+    members["batches.meta"] = pickle.dumps({b"label_names": names}, protocol=2)
+    write_folder(tmp_path / "cifar-10-batches-py", members)
+    with pytest.raises(KDError, match=rf"batches.meta: 'label_names' {found}; expected a list of 10 class names"):
+        load_source("cifar10", tmp_path)
+
+
 # --- image folders -----------------------------------------------------------------------------------
 
 def test_image_folder_lists_sorted_classes_and_files_and_decodes_png_exactly(image_folder):
@@ -350,6 +375,39 @@ def test_image_folder_without_test_has_no_test_split(image_folder):
     shutil.rmtree(root / "test")
     source = load_source("imagefolder", root)
     assert source.test_images is None and source.test_labels is None and len(source.train_images) == 4
+
+
+def test_hidden_files_such_as_macos_appledouble_are_skipped(image_folder):
+    root, _ = image_folder
+    (root / "train/cat/._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata, not a PNG")
+    write_png(torch.zeros(3, 12, 9, dtype=torch.uint8), str(root / "train/cat/.hidden.png"))
+    source = load_source("imagefolder", root)
+    assert source.train_images.paths == ["train/cat/a.png", "train/cat/b.png", "train/dog/x.jpg", "train/dog/y.PNG"]
+    assert all(image.dtype == torch.uint8 for image in source.train_images)  # every listed file decodes
+
+
+def test_images_of_different_sizes_without_image_size_name_two_files_and_the_fix(tmp_path):
+    from pipeline.data import load_dataset
+    from pipeline.params import DataParams
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(5):
+            write_png(torch.full((3, 6, 6), 40 * i, dtype=torch.uint8), str(tmp_path / f"train/{name}/{i}.png"))
+    write_png(torch.zeros(3, 9, 7, dtype=torch.uint8), str(tmp_path / "train/dog/4.png"))  # one of another size
+    params = DataParams(name="imagefolder", root=str(tmp_path), image_size=None, normalize="none", split_seed=0,
+                        val_fraction=0.25, test_fraction=0.2, train_subset=None)
+    data = load_dataset(params)
+    splits = [data.train, data.val, data.test]
+    loaders = [torch.utils.data.DataLoader(split.images, batch_size=len(split)) for split in splits]
+    with pytest.raises(KDError) as error:  # whichever split holds the odd file: before, torch.stack failed
+        [next(iter(loader)) for loader in loaders]
+    first = str(tmp_path / data.train.images.first[0])
+    assert str(error.value).startswith(f"{tmp_path / 'train/dog/4.png'}: 9x7 pixels (H x W), but {first} has 6x6")
+    assert "set data.image_size: N" in str(error.value)
+    resized = load_dataset(dataclasses.replace(params, image_size=6))
+    assert torch.utils.data.default_collate([resized.train.images[i] for i in range(len(resized.train))]).shape[1:] \
+        == (3, 6, 6)
 
 
 def test_image_size_resizes_shorter_side_then_crops_the_center(tmp_path):

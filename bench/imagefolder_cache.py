@@ -1,0 +1,374 @@
+"""The cache stage on an ImageNet-like JPEG folder (CPU): its throughput against bounds measured in the same run,
+and how many times it decodes each image. Writes a markdown section (--append) and flat keys (--json).
+
+Usage: python bench/imagefolder_cache.py [--images 2000 --classes 100 --samples 256 --views 8 --repeats 3]
+                                         [--data /tmp/kd_imagenet_like] [--append BENCHMARKS.md] [--json FILE]
+
+The data is made here, once (nothing is downloaded): `--images` JPEGs of 500x375 px at quality 90 in
+`<data>/train/c<k>/*.jpg` (image j in class j mod `--classes`), each a real image upsampled with PIL (bicubic):
+CIFAR-10's JPEGs from /work/shared/data/cifar10-jpg.tar.gz (read in place), or where that is absent tiles of
+scikit-learn's two sample photographs. A marker file lets later runs reuse the folder.
+
+Params as a user sets them: `data.name: imagefolder`, `data.image_size: 256` (decode, shorter side to 256,
+centre crop), augment RandomResizedCrop 224 + RandomHorizontalFlip, V views, the teacher (random weights) at 224,
+batch `--batch`, the first `--samples` training images. Each repeat (after waiting up to `--wait` s for other
+processes to leave the cores) times, in this order, on those images:
+  decode            `split.images[i]` for every sample (JPEG decode + resize + crop), CPU-s per image
+  replay            `ReplayDataset` (view by view through `replay_view`) + collate, as the cache stage replays
+                    image-folder views, on images decoded beforehand (the first 8 batches of views), CPU-s per view
+  teacher forward   `teacher_forward` on 4 batches of views replayed beforehand, CPU-s per view
+                    (each of the three on torch's default threads, then again on 1 thread, as each worker runs)
+  cache stage       `cache_teacher_logits` into a fresh zarr store, num_workers 0, then num_workers = cores: views/s
+The shared-cores bound is bench/cache_throughput.py's: cores / (CPU-s per view of the steps, summed), the rate if
+the steps shared the cores perfectly, with the decode counted
+  per view          decode CPU-s + replay + forward (what the cache stage does today: V decodes per image)
+  once              decode CPU-s / V + replay + forward (each image decoded once, its V views replayed from it)
+from the default-thread CPU-s (cache_throughput's way; the JSON keys without `_1thread`) and from the 1-thread
+CPU-s (`_1thread`: no idle spinning of torch's thread pool in the sum). "One core" is 1 / the same sum. Decodes:
+`ImageFiles.__getitem__` is wrapped with a counter shared with the (forked) DataLoader workers; per sample = the
+calls during one cache run / samples (the excess over V is the augmentation check on image 0 that every replay
+starts with). Other processes' load during each step is read from /proc/stat and reported.
+Keys: cache_views_per_s_imagefolder_cpu (best of the worker settings) and _w0, _w<cores>;
+shared_cores_bound[_1thread]_views_per_s_imagefolder_cpu_{decode_once,decode_per_view};
+one_core[_1thread]_views_per_s_imagefolder_cpu_{decode_once,decode_per_view};
+cache_vs_bound[_1thread]_imagefolder_cpu (best cache / decode-once bound);
+cache_vs_bound[_1thread]_decode_per_view_imagefolder_cpu; cache_decodes_per_sample (median of both worker
+settings) and _w0, _w<cores>; {decode,replay,forward}[_1thread]_ms_per_{image,view}_imagefolder_cpu (CPU-ms);
+others_cores_imagefolder_cpu (median cores other processes used during the steps).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from output import publish
+from pipeline.data import input_transform, load_dataset
+from pipeline.models import build_model
+from pipeline.params import CacheParams, DataParams
+from pipeline.replay import ReplayDataset, build_augment
+from pipeline.sources import ImageFiles
+from pipeline.train import cache_teacher_logits, teacher_forward
+
+CIFAR_JPG = Path("/work/shared/data/cifar10-jpg.tar.gz")
+WIDTH, HEIGHT, QUALITY = 500, 375, 90
+IMAGE_SIZE = 256
+AUGMENT = [{"RandomResizedCrop": {"size": 224}}, {"RandomHorizontalFlip": {}}]
+CPU = torch.device("cpu")
+CORES = os.cpu_count() or 1
+MARKER = ".kd_bench_imagefolder.json"
+
+
+# ---- the data -------------------------------------------------------------------------------------------------
+
+def cifar_images(count: int):
+    """Up to `count` PIL images from the CIFAR-10 JPEG archive's train/<class>/*.jpg, the classes interleaved (the
+    archive is sorted by class) so that any prefix spans them all."""
+    from PIL import Image
+
+    by_class: dict[str, list[bytes]] = {}
+    with tarfile.open(CIFAR_JPG, "r:gz") as tar:  # one pass (a gzip stream cannot seek back cheaply)
+        for m in tar:
+            parts = m.name.removeprefix("./").split("/")
+            if m.isfile() and len(parts) == 3 and parts[0] == "train" and parts[2].lower().endswith(".jpg"):
+                by_class.setdefault(parts[1], []).append(tar.extractfile(m).read())
+    names = sorted(by_class)
+    longest = max(len(v) for v in by_class.values())
+    chosen = [by_class[k][j] for j in range(longest) for k in names if j < len(by_class[k])][:count]
+    return [Image.open(io.BytesIO(data)).convert("RGB") for data in chosen]
+
+
+def sample_tiles(count: int):
+    """`count` 4:3 tiles of scikit-learn's two sample photographs (427x640), on a grid fine enough to give them."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    tile_w, tile_h = 160, 120
+    per_photo = -(-count // len(photos))
+    tiles = []
+    for photo in photos:
+        w, h = photo.size
+        side = int(np.ceil(np.sqrt(per_photo)))
+        xs = np.linspace(0, w - tile_w, side).astype(int)
+        ys = np.linspace(0, h - tile_h, side).astype(int)
+        tiles += [photo.crop((x, y, x + tile_w, y + tile_h)) for y in ys for x in xs][:per_photo]
+    return tiles[:count]
+
+
+def build_folder(root: Path, images: int, classes: int) -> dict:
+    """`root`/train/c<k>/<j>.jpg, made once; returns the marker's record (source, mean file size)."""
+    wanted = {"images": images, "classes": classes, "size": [WIDTH, HEIGHT], "quality": QUALITY}
+    marker = root / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        if {k: record.get(k) for k in wanted} == wanted:
+            return record
+        shutil.rmtree(root / "train")  # made by this bench with other settings
+        marker.unlink()
+    elif (root / "train").exists():
+        raise click.ClickException(f"{root}/train exists but was not made by this bench (no {MARKER}); "
+                                   "pass another --data")
+    from PIL import Image
+
+    start = time.perf_counter()
+    source = "cifar10-jpg" if CIFAR_JPG.is_file() else "sklearn sample images"
+    pictures = cifar_images(images) if CIFAR_JPG.is_file() else sample_tiles(images)
+    pictures = [pictures[j % len(pictures)] for j in range(images)]  # repeat if the source holds fewer
+    tmp = root / "train.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sizes = []
+    for j, picture in enumerate(pictures):
+        folder = tmp / f"c{j % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{j:06d}.jpg"
+        picture.resize((WIDTH, HEIGHT), Image.BICUBIC).save(path, quality=QUALITY)
+        sizes.append(path.stat().st_size)
+    tmp.rename(root / "train")
+    record = {**wanted, "source": source, "mean_bytes": float(np.mean(sizes)),
+              "build_s": time.perf_counter() - start}
+    marker.write_text(json.dumps(record))
+    return record
+
+
+# ---- decode counting ------------------------------------------------------------------------------------------
+
+DECODES = multiprocessing.Value("q", 0)  # shared with forked DataLoader workers
+
+
+def count_decodes() -> None:
+    """Wrap `ImageFiles.__getitem__` with a counter (before any worker forks, so workers count too)."""
+    original = ImageFiles.__getitem__
+
+    def counted(self, i):
+        with DECODES.get_lock():
+            DECODES.value += 1
+        return original(self, i)
+
+    ImageFiles.__getitem__ = counted
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------
+
+def busy_seconds() -> tuple[float, float]:
+    """(CPU-seconds all processes spent busy, per /proc/stat; CPU-seconds this process and its children spent):
+    their difference over a window is what other processes took meanwhile (as bench/throughput.py measures it)."""
+    t = os.times()
+    ours = t.user + t.system + t.children_user + t.children_system
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), ours
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), ours
+
+
+def timed(fn) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process and its children, cores other processes used meanwhile)."""
+    busy, ours = busy_seconds()
+    start = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    busy_end, ours_end = busy_seconds()
+    return wall, ours_end - ours, max(0.0, (busy_end - busy) - (ours_end - ours)) / wall
+
+
+def wait_quiet(limit_s: float, cores: float = 0.3) -> float:
+    """Sleep until other processes use under `cores` cores (sampled over 0.5 s) or `limit_s` has passed; returns
+    the last sample. With torch's 2 threads on 2 cores, a third busy thread slows multithreaded steps ~10x."""
+    deadline = time.perf_counter() + limit_s
+    while True:
+        busy, ours = busy_seconds()
+        time.sleep(0.5)
+        busy_end, ours_end = busy_seconds()
+        others = max(0.0, (busy_end - busy) - (ours_end - ours)) / 0.5
+        if others < cores or time.perf_counter() >= deadline:
+            return others
+
+
+def on_threads(threads: int, fn):
+    """`fn` run with torch's intra-op threads set to `threads` (0: as they are)."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, root: Path) -> dict:
+    n = len(split)
+    teacher = build_model(arch, 3, num_classes, {}, 224, seed=0).eval()
+    transform = input_transform(build_augment(AUGMENT), mean, std)
+    decoded = torch.stack([split.images[i] for i in range(n)])  # also warms the page cache
+    replayer = ReplayDataset(decoded, split.labels, transform, 0, batched=False)  # view by view, as for ImageFiles
+    pairs = [(i, v) for i in range(n) for v in range(views)]
+    timed_pairs = pairs[:8 * batch]  # the replay's and forward's costs per view do not depend on which views
+    forward_batches = [replayer.collate(replayer.__getitems__(timed_pairs[s:s + batch]))[0]
+                       for s in range(0, min(len(timed_pairs), 4 * batch), batch)]
+    forward_views = sum(len(x) for x in forward_batches)
+    wide = f"w{CORES}"
+
+    def decode():
+        for i in range(n):
+            split.images[i]
+
+    def replay():
+        for s in range(0, len(timed_pairs), batch):
+            replayer.collate(replayer.__getitems__(timed_pairs[s:s + batch]))
+
+    def forward():
+        for x in forward_batches:
+            teacher_forward(teacher, x, CPU, "off")
+
+    def cache(workers):
+        cfg = CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
+                          chunk_samples=1024, batch_size=batch, amp="off")
+        out = root / f"w{workers}-{time.perf_counter_ns()}.zarr"
+        cache_teacher_logits(out, cfg, teacher, arch, split, num_classes, AUGMENT, mean, std, CPU,
+                             num_workers=workers)
+        shutil.rmtree(out, ignore_errors=True)
+
+    steps = {  # name: (fn, units timed, what a unit is)
+        "decode": (decode, n), "replay": (replay, len(timed_pairs)), "forward": (forward, forward_views)}
+    jobs = [(f"{name}_{t}t" if t else name, on_threads(t, fn), units) for t in (0, 1)
+            for name, (fn, units) in steps.items()]
+    jobs += [("w0", lambda: cache(0), len(pairs)), (wide, lambda: cache(CORES), len(pairs))]
+    forward(), replay()  # warm up
+    cpu, wall, others, decodes = ({k: [] for k, _, _ in jobs} for _ in range(4))
+    for r in range(repeats):
+        quiet = wait_quiet(wait_s)
+        for key, fn, units in jobs:
+            DECODES.value = 0
+            wall_s, cpu_s, others_cores = timed(fn)
+            cpu[key].append(cpu_s / units)
+            wall[key].append(wall_s / units)
+            others[key].append(others_cores)
+            decodes[key].append(DECODES.value / n)
+            print(f"repeat {r + 1}/{repeats} (others {quiet:.2f} cores before) {key}: {wall_s:.2f} s, "
+                  f"others {others_cores:.2f} cores", file=sys.stderr, flush=True)
+    cpu, wall, others, decodes = ({k: statistics.median(v) for k, v in d.items()}
+                                  for d in (cpu, wall, others, decodes))
+    out = {"cache_views_per_s_imagefolder_cpu": max(1 / wall["w0"], 1 / wall[wide]),
+           "cache_views_per_s_imagefolder_cpu_w0": 1 / wall["w0"],
+           f"cache_views_per_s_imagefolder_cpu_{wide}": 1 / wall[wide],
+           "cache_decodes_per_sample": statistics.median([decodes["w0"], decodes[wide]]),
+           "cache_decodes_per_sample_w0": decodes["w0"], f"cache_decodes_per_sample_{wide}": decodes[wide],
+           "others_cores_imagefolder_cpu": statistics.median(others.values())}
+    for suffix, t in (("", ""), ("_1thread", "_1t")):
+        d, rp, f = (cpu[f"{k}{t}"] for k in ("decode", "replay", "forward"))
+        for name, per_view in (("decode_once", d / views + rp + f), ("decode_per_view", d + rp + f)):
+            out[f"shared_cores_bound{suffix}_views_per_s_imagefolder_cpu_{name}"] = CORES / per_view
+            out[f"one_core{suffix}_views_per_s_imagefolder_cpu_{name}"] = 1 / per_view
+        out[f"cache_vs_bound{suffix}_imagefolder_cpu"] = (
+            out["cache_views_per_s_imagefolder_cpu"] / out[f"shared_cores_bound{suffix}_views_per_s_imagefolder_cpu_decode_once"])
+        out[f"cache_vs_bound{suffix}_decode_per_view_imagefolder_cpu"] = (
+            out["cache_views_per_s_imagefolder_cpu"] / out[f"shared_cores_bound{suffix}_views_per_s_imagefolder_cpu_decode_per_view"])
+        for k, unit in (("decode", "image"), ("replay", "view"), ("forward", "view")):
+            out[f"{k}{suffix}_ms_per_{unit}_imagefolder_cpu"] = 1e3 * cpu[f"{k}{t}"]
+    return out, wall, others
+
+
+def section(r: dict, wall: dict, others: dict, command: str, record: dict, samples: int, views: int, arch: str,
+            batch: int, repeats: int) -> list[str]:
+    wide, threads = f"w{CORES}", torch.get_num_threads()
+    key = "shared_cores_bound{}_views_per_s_imagefolder_cpu_{}"
+    once, each = r[key.format("", "decode_once")], r[key.format("", "decode_per_view")]
+    once1 = r[key.format("_1thread", "decode_once")]
+    lines = ["", "## The cache stage on an ImageNet-like JPEG folder (CPU)", "",
+             f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {CORES} cores, torch "
+             f"{torch.__version__}, {threads} torch threads): {record['images']} JPEGs of "
+             f"{WIDTH}x{HEIGHT} at quality {QUALITY} in {record['classes']} classes (upsampled bicubic from "
+             f"{record['source']}, {record['mean_bytes'] / 1e3:.0f} kB a file on average), `data.image_size: "
+             f"{IMAGE_SIZE}`, augment RandomResizedCrop 224 + RandomHorizontalFlip, {views} views of the first "
+             f"{samples} training images, teacher `{arch}` (random weights) at 224, batch {batch}, a real zarr store "
+             f"(float16). Views per second, medians of {repeats} alternated repeats. Bounds as in "
+             "bench/cache_throughput.py, from CPU-seconds measured in the same repeats: cores / (decode + replay + "
+             f"forward CPU-s per view), decode counted per view (as the stage does today) or once per image (/ V), "
+             f"each step on torch's {threads} threads (cache_throughput's way) or on 1 thread (as each worker "
+             "runs). Decodes per sample: calls of `ImageFiles.__getitem__` (in this process and its workers) "
+             "during one cache run / samples.", "",
+             "| | views/s | / bound, decode once | / bound, decode per view | / 1-thread bound, decode once "
+             "| decodes per sample |", "|---|---|---|---|---|---|"]
+    for k, label in (("w0", "cache stage, 0 workers"), (wide, f"cache stage, {CORES} workers")):
+        v = r[f"cache_views_per_s_imagefolder_cpu_{k}"]
+        lines.append(f"| {label} | {v:.1f} | {v / once:.2f}x | {v / each:.2f}x | {v / once1:.2f}x | "
+                     f"{r[f'cache_decodes_per_sample_{k}']:.3f} |")
+    for suffix, how in (("", f"{threads} threads"), ("_1thread", "1 thread")):
+        for name, label, count in (("decode_per_view", "decode per view", views), ("decode_once", "decode once", 1)):
+            v = r[key.format(suffix, name)]
+            lines.append(f"| shared-cores bound ({CORES} cores), {label}, steps on {how} | {v:.1f} | {v / once:.2f}x | "
+                         f"{v / each:.2f}x | {v / once1:.2f}x | {count} |")
+    lines += [f"| one core, decode per view / once, steps on {threads} threads | "
+              f"{r['one_core_views_per_s_imagefolder_cpu_decode_per_view']:.1f} / "
+              f"{r['one_core_views_per_s_imagefolder_cpu_decode_once']:.1f} | | | | |",
+              "", "Where the time goes: milliseconds per unit (medians); CPU-ms are what the bounds add up; 'others' "
+              "is how many cores other processes used during the step (from /proc/stat):", "",
+              f"| step | CPU-ms, {threads} threads | wall-ms, {threads} threads | CPU-ms, 1 thread | wall-ms, 1 thread "
+              f"| others (cores), {threads} / 1 threads |", "|---|---|---|---|---|---|"]
+    for k, unit, label in (("decode", "image", "decode + resize + crop, per image"),
+                           ("replay", "view", "replay (RandomResizedCrop + flip + normalize) + collate, per view"),
+                           ("forward", "view", f"teacher forward at batch {batch}, per view")):
+        cpu_ms, cpu_ms_1t = (r[f"{k}{s}_ms_per_{unit}_imagefolder_cpu"] for s in ("", "_1thread"))
+        lines.append(f"| {label} | {cpu_ms:.2f} | {1e3 * wall[k]:.2f} | {cpu_ms_1t:.2f} | {1e3 * wall[k + '_1t']:.2f} "
+                     f"| {others[k]:.2f} / {others[k + '_1t']:.2f} |")
+    for k, label in (("w0", "cache stage, 0 workers, per view"), (wide, f"cache stage, {CORES} workers, per view")):
+        lines.append(f"| {label} | | {1e3 * wall[k]:.2f} | | | {others[k]:.2f} |")
+    return lines
+
+
+@click.command()
+@click.option("--data", "data_root", default="/tmp/kd_imagenet_like", show_default=True,
+              help="The image folder, made here once (reused on later runs).")
+@click.option("--images", default=2000, show_default=True)
+@click.option("--classes", default=100, show_default=True)
+@click.option("--samples", default=256, show_default=True, help="Training images the cache stage runs over.")
+@click.option("--views", default=8, show_default=True)
+@click.option("--teacher", "arch", default="mobilenet_v3_small", show_default=True)
+@click.option("--batch", default=64, show_default=True, help="Teacher batch size (bound and cache stage).")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--wait", "wait_s", default=30.0, show_default=True,
+              help="Before each repeat, wait up to this many seconds for other processes to leave the cores.")
+@click.option("--append", "out", default=None, help="Append the markdown section to this file.")
+@click.option("--json", "json_path", default="bench/results.json", show_default=True,
+              help="Merge the figures into this flat JSON object.")
+def main(data_root, images, classes, samples, views, arch, batch, repeats, wait_s, out, json_path):
+    root = Path(data_root)
+    root.mkdir(parents=True, exist_ok=True)
+    record = build_folder(root, images, classes)
+    print(f"data: {root} ({record['source']}, {record['mean_bytes'] / 1e3:.1f} kB a file)", file=sys.stderr)
+    # stratified held-out splits need at least one image per class each
+    test_fraction = max(0.1, classes / images)
+    val_fraction = max(0.1, classes / (images - int(np.ceil(test_fraction * images))))
+    params = DataParams(name="imagefolder", root=str(root), image_size=IMAGE_SIZE, normalize="auto", split_seed=0,
+                        val_fraction=val_fraction, test_fraction=test_fraction, train_subset=None)
+    dataset = load_dataset(params)
+    if samples > len(dataset.train):
+        raise click.ClickException(f"--samples {samples}: the training split has {len(dataset.train)} images")
+    split = dataset.train.subset(range(samples))
+    count_decodes()
+    with tempfile.TemporaryDirectory() as tmp:
+        results, wall, others = measure(split, dataset.num_classes, dataset.mean, dataset.std, arch, views, batch,
+                                        repeats, wait_s, Path(tmp))
+    command = "python bench/imagefolder_cache.py " + " ".join(sys.argv[1:])
+    publish(section(results, wall, others, command.strip(), record, samples, views, arch, batch, repeats), results, out,
+            json_path)
+
+
+if __name__ == "__main__":
+    main()

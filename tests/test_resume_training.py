@@ -1,0 +1,187 @@
+"""Nothing lost: `kd distill` and `kd teacher` killed with SIGKILL resume from their last finished epoch and end
+with weights bit-identical to a run that was never interrupted, and a dvclive history holding every epoch once
+(real subprocesses); and a failing step leaves no thread or worker process behind, at any step of an epoch."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_params
+
+KD = [sys.executable, "-m", "stages.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+DROPOUT_MLP = {"hidden_sizes": [64], "dropout": 0.5, "input_dropout": 0.1}  # draws on the generator every step
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A params file for 8 short epochs of a dropout student and of a teacher, a teacher and a store."""
+    root = tmp_path_factory.mktemp("resume_training")
+    params = write_params(root / "params.yaml", **{
+        "teacher.arch": "mlp", "teacher.arch_options": DROPOUT_MLP, "teacher.epochs": 8,
+        "distill.student": "mlp", "distill.student_options": DROPOUT_MLP, "distill.epochs": 8,
+        "distill.optimizer.lr_milestones": [5], "distill.optimizer.lr_factors": [0.1]})
+    run(["teacher", "--params", params, "--out", root / "teacher.pt"])
+    run(["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", root / "s.zarr"])
+    return root, params
+
+
+def run(args, kill_after_epochs=None):
+    """Run `kd ARGS`; with `kill_after_epochs` k, SIGKILL it once its progress bar shows k epochs done (so the
+    kill lands somewhere in epoch k, after the checkpoint of epoch k - 1). Returns the output."""
+    proc = subprocess.Popen([*KD, *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    seen = ""
+    while char := proc.stdout.read(1):
+        seen += char
+        if kill_after_epochs is not None and char == "[":  # tqdm: "distill:  25%|##  | 2/8 [00:01<..."
+            done = re.findall(r"(\d+)/\d+ \[$", seen)
+            if done and int(done[-1]) >= kill_after_epochs:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    proc.wait()
+    if kill_after_epochs is None:
+        assert proc.returncode == 0, seen[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGKILL, seen[-3000:]
+    return seen
+
+
+def history(live: Path) -> dict[str, np.ndarray]:
+    """metric -> (steps, values) as dvclive logged them."""
+    out = {}
+    for name in ("loss", "train_acc", "val_acc"):
+        table = np.loadtxt(live / "plots" / "metrics" / f"{name}.tsv", skiprows=1, ndmin=2)  # step, value
+        out[name] = table
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = torch.load(a)["state_dict"], torch.load(b)["state_dict"]
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    ha, hb = history(a.with_suffix(".live")), history(b.with_suffix(".live"))
+    for name in ha:
+        assert ha[name][:, 0].tolist() == list(range(8)), (name, ha[name][:, 0])  # each epoch once, in order
+        np.testing.assert_array_equal(ha[name], hb[name])
+
+
+def distill_args(root, params, out):
+    return ["distill", "--params", params, "--teacher", root / "teacher.pt", "--cache", root / "s.zarr",
+            "--out", out, "--live-dir", out.with_suffix(".live")]
+
+
+def test_a_killed_distill_resumes_to_the_same_weights_and_history(made, tmp_path):
+    root, params = made
+    whole = tmp_path / "whole.pt"
+    run(distill_args(root, params, whole))
+    assert not Path(f"{whole}.resume").exists()  # a finished run leaves no checkpoint behind
+    resumed = tmp_path / "resumed.pt"
+    for k in (1, 3, 6):  # killed in epochs 1, 3 and 6 of 8, each time resumed by the same command
+        run(distill_args(root, params, resumed), kill_after_epochs=k)
+        assert Path(f"{resumed}.resume").exists() and not resumed.exists()
+    out = run(distill_args(root, params, resumed))
+    assert "Resuming from" in out and "after epoch 5" in out
+    assert_same_run(resumed, whole)
+    assert not Path(f"{resumed}.resume").exists()
+
+
+def test_a_killed_teacher_resumes_to_the_same_weights(made, tmp_path):
+    _, params = made
+    whole, resumed = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    run(["teacher", "--params", params, "--out", whole, "--live-dir", whole.with_suffix(".live")])
+    run(["teacher", "--params", params, "--out", resumed, "--live-dir", resumed.with_suffix(".live")],
+        kill_after_epochs=4)
+    out = run(["teacher", "--params", params, "--out", resumed, "--live-dir", resumed.with_suffix(".live")])
+    assert "after epoch 3" in out
+    assert_same_run(resumed, whole)
+
+
+def test_a_checkpoint_of_another_run_is_not_used(made, tmp_path):
+    """Changed params (here T) make the checkpoint another run's: it starts from epoch 0 and says so."""
+    root, params = made
+    out = tmp_path / "s.pt"
+    run(distill_args(root, params, out), kill_after_epochs=2)
+    other = write_params(tmp_path / "other.yaml", **{
+        "distill.student": "mlp", "distill.student_options": DROPOUT_MLP, "distill.epochs": 8,
+        "distill.optimizer.lr_milestones": [5], "distill.optimizer.lr_factors": [0.1], "distill.temperature": 3.0})
+    text = run(distill_args(root, other, out))
+    assert "checkpoint of another run" in text and "Resuming" not in text
+    fresh = tmp_path / "fresh.pt"
+    run(distill_args(root, other, fresh))
+    assert_same_run(out, fresh)
+
+
+FAILING_STEP = r'''
+import multiprocessing, sys, threading, time
+import torch
+import pipeline.train as train
+from pipeline.data import input_transform, load_dataset
+from pipeline.models import build_model
+from pipeline.params import load_params
+from pipeline.replay import build_augment
+from pipeline.store import LogitStore
+
+params = load_params(sys.argv[1])
+data = load_dataset(params.data)
+transform = input_transform(build_augment(params.augment), data.mean, data.std)
+steps = -(-len(data.train) // params.distill.batch_size)
+real_loss, calls = train.kd_loss, [0]
+for where in sys.argv[3:]:
+    workers, prefetch = {"read-ahead": (0, 4), "in-line": (0, 0), "workers": (2, 0)}[where]
+    for position in list(range(6)) + list(range(steps - 6, steps)) + [steps + 2, 2 * steps - 1]:
+        calls[0] = 0
+
+        def nan_at(*args, **kwargs):  # the step's loss becomes NaN at one position of the run
+            calls[0] += 1
+            # the failing step is slow: the read-ahead thread has filled its queue (and, near the epoch's end,
+            # read every batch) when it fails; main before this fix hung for good at the 5th batch from the end
+            time.sleep(0.3 if calls[0] == position + 1 else 0.005)
+            loss = real_loss(*args, **kwargs)
+            return loss * float("nan") if calls[0] == position + 1 else loss
+
+        train.kd_loss = nan_at
+        store = LogitStore(sys.argv[2], max_memory_bytes=0)
+        student = build_model("mlp", 1, data.num_classes, {"hidden_sizes": [16], "dropout": 0.5}, 8, seed=0)
+        start = time.time()
+        try:
+            train.distill(student, data.train, data.val, train.store_targets(store), transform,
+                          input_transform(None, data.mean, data.std), params.cache.seed, params.cache.num_views,
+                          params.distill, kd_weight=1.0, seed=0, device=torch.device("cpu"), num_workers=workers,
+                          chunk_samples=params.cache.chunk_samples, prefetch=prefetch)
+            raise SystemExit(f"{where} {position}: no error")
+        except train.DivergedError:
+            pass
+        for _ in range(50):  # queue feeder threads end just after their queue is closed
+            left = [t.name for t in threading.enumerate() if t is not threading.main_thread()
+                    and t.name not in ("zarr_io", "tqdm_monitor") and not t.name.startswith("asyncio_")]  # pools
+            children = multiprocessing.active_children()
+            if not left and not children:
+                break
+            time.sleep(0.1)
+        if left or children:
+            raise SystemExit(f"{where} {position}: left behind threads {left} processes {children}")
+        print(where, position, f"{time.time() - start:.2f}s", flush=True, file=sys.stdout)
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("where", ["read-ahead", "workers"])
+def test_a_step_failing_at_any_position_ends_every_thread_and_worker(made, where):
+    """A NaN loss at each of the first and last batches of an epoch (the read-ahead queue full, or draining):
+    the run stops with its DivergedError within seconds, and no thread or worker process is left."""
+    root, params = made
+    result = subprocess.run([sys.executable, "-c", FAILING_STEP, str(params), str(root / "s.zarr"), where],
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+    times = [float(line.split()[-1].rstrip("s")) for line in result.stdout.splitlines()[:-1]]
+    assert len(times) == 14 and max(times) < 30, result.stdout
