@@ -32,7 +32,7 @@ from pipeline.data import Split, input_transform
 from pipeline.models import build_model
 from pipeline.params import CacheParams
 from pipeline.replay import ReplayDataset, build_augment
-from pipeline.train import cache_teacher_logits, teacher_forward
+from pipeline.cache import cache_teacher_logits, teacher_forward
 
 PAIRS = {  # name: (teacher, (C, H, W), augmentation, samples)
     "default": ("cnn", (1, 8, 8), [{"RandomAffine": {"degrees": 10, "translate": [0.125, 0.125]}}], 4096),
@@ -118,7 +118,7 @@ def measure_device(name: str, repeats: int, root: Path, device: torch.device, am
     gpu_teacher_forward_views_per_s_<pair>_<amp>, gpu_cache_views_per_s_<pair>_<amp>,
     gpu_cache_vs_teacher_forward_<pair>_<amp>.
     """
-    from pipeline.train import prepare_teacher
+    from pipeline.cache import prepare_teacher
     arch, n = DEVICE_PAIRS[name]
     augment = PAIRS["cifar_resnet20"][2]
     g = torch.Generator().manual_seed(0)

@@ -85,7 +85,8 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
     from pipeline.models import build_model
     from pipeline.params import DistillParams, OptimParams
     from pipeline.store import LogitStore
-    from pipeline.train import PREFETCH, distill, store_targets
+    from pipeline.train import distill, store_targets
+    from pipeline.loaders import PREFETCH
 
     torch.set_num_threads(1)
     student_arch, shape, classes, _, views, batch = SETUPS[setup]

@@ -2,7 +2,7 @@
 the same command, and check that the result equals an uninterrupted run's bit for bit. And (--fsync-cost) what the
 cache's per-chunk fsyncs cost.
 
-Usage: python bench/fault_soak.py [--kills 5] [--formats zarr,hdf5] [--ranks 1,2] [--seed 0]
+Usage: python bench/fault_soak.py [--stage cache,distill] [--kills 5] [--formats zarr,hdf5] [--ranks 1,2] [--seed 0]
                                   [--append BENCHMARKS.md] [--json bench/results.json]
        python bench/fault_soak.py --fsync-cost [--repeats 3] [--json bench/results.json]
 
@@ -16,9 +16,12 @@ no chunk may be marked done without data that reads back. Every resumed store mu
 bit for bit (logits, labels, attributes) and its resume must repair nothing ("recomputing" on stderr: only a
 machine crash or a damaged disk can cause that).
 
-A stage kind is one `soak_<stage>` function in SOAKS (today `cache`): it makes its reference, runs its killed and
-resumed trials, and returns one `Trial` per kill; a `soak_distill` (kill `kd distill`, resume, compare the
-checkpoints) goes beside it with the same signature.
+A stage kind is one `soak_<stage>` function in SOAKS: it makes its reference, runs its killed and resumed trials, and
+returns one `Trial` per kill. `--stage distill` kills `kd distill` (a dropout MLP student reading the store ahead in
+a thread, 8 epochs, a checkpoint after each) at a random time or just as its checkpoint file changes, resumes it with
+the same command and compares the weights and the dvclive history with an uninterrupted run of as many ranks; for
+it "mid-write" counts kills during a checkpoint's write (its .tmp present), "chunks done" the epochs checkpointed,
+"marked but unreadable" a torn checkpoint (must be 0), "repaired" a checkpoint the resume could not read.
 Keys merged into results.json: fault_soak_<stage>_<format>_<ranks>r_{kills,mid_write,identical,repaired} and, with
 --fsync-cost, fsync_cost_<case>_{ratio,ms_per_chunk}.
 """
@@ -234,7 +237,77 @@ def soak_cache(work: Path, fmt: str, ranks: int, kills: int, rng: random.Random)
     return trials
 
 
-SOAKS = {"cache": soak_cache}  # stage kind -> soak_<stage>(work, fmt, ranks, kills, rng) -> [Trial]
+# ---- kd distill ---------------------------------------------------------------------------------------------------
+
+DISTILL = {"distill.student": "mlp", "distill.student_options": {"hidden_sizes": [64], "dropout": 0.5},
+           "distill.epochs": 8, "distill.optimizer.lr_milestones": [6], "distill.optimizer.lr_factors": [0.1],
+           "memory_mb": 0}  # a dropout student (draws every step) reading the store ahead in a thread
+
+
+def checkpoint_state(resume: Path) -> tuple[int, bool, bool]:
+    """(epochs the checkpoint at `resume` holds, whether a checkpoint write was in progress, whether it is torn)."""
+    import torch
+
+    writing = resume.with_name(resume.name + ".tmp").exists()
+    if not resume.exists():
+        return 0, writing, False
+    try:
+        return int(torch.load(resume, weights_only=True)["epoch"]), writing, False
+    except Exception:  # noqa: BLE001 -- a torn checkpoint is what this counts
+        return 0, writing, True
+
+
+def same_student(a: Path, b: Path) -> bool:
+    """The same weights bit for bit, and the same dvclive history (each epoch once, the same values)."""
+    import torch
+
+    wa, wb = torch.load(a)["state_dict"], torch.load(b)["state_dict"]
+    if wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
+        return False
+    for name in ("loss", "train_acc", "val_acc"):
+        ta, tb = ((p.with_suffix(".live") / "plots" / "metrics" / f"{name}.tsv").read_text() for p in (a, b))
+        if ta != tb:
+            return False
+    return True
+
+
+def soak_distill(work: Path, fmt: str, ranks: int, kills: int, rng: random.Random) -> list[Trial]:
+    """Kill `kd distill` `kills` times (each a fresh output, then resumed once) and check each result against an
+    uninterrupted run with the same number of ranks (ranks draw their own dropout masks)."""
+    params = write_params(work / f"distill-{fmt}.yaml", {**CACHE, **DISTILL, "cache.format": fmt})
+    teacher, store = work / "teacher.pt", work / f"distill-store.{fmt}"
+    if not teacher.exists():
+        run(kd("teacher", "--params", str(params), "--out", str(teacher)))
+    if not store.exists():
+        run(kd("cache", "--params", str(params), "--teacher", str(teacher), "--out", str(store)))
+
+    def command(out: Path) -> list[str]:
+        return kd("distill", "--params", str(params), "--teacher", str(teacher), "--cache", str(store), "--out",
+                  str(out), "--live-dir", str(out.with_suffix(".live")), ranks=ranks)
+
+    reference = work / f"reference-{fmt}-{ranks}r.pt"
+    work_s = 0.9 * work_seconds(command(reference))
+    trials = []
+    for i in range(kills):
+        moment = "random" if i % 2 == 0 else "at a write"
+        out = work / f"student-{fmt}-{ranks}r-{i}.pt"
+        resume = out.with_name(out.name + ".resume")
+
+        def checkpoints() -> int:
+            return resume.stat().st_mtime_ns if resume.exists() else 0
+
+        while not run_killed(command(out), moment, rng, work_s, checkpoints):
+            out.unlink()  # it ended first: draw again
+            shutil.rmtree(out.with_suffix(".live"), ignore_errors=True)
+        epochs, writing, torn = checkpoint_state(resume)
+        text = run(command(out))
+        trials.append(Trial("distill", fmt, ranks, moment, epochs, writing, int(torn),
+                            len(re.findall(r"cannot be read", text)), same_student(reference, out)))
+        print(trials[-1], flush=True)
+    return trials
+
+
+SOAKS = {"cache": soak_cache, "distill": soak_distill}  # stage kind -> soak_<stage>(work, fmt, ranks, kills, rng)
 
 
 # ---- what fsync costs --------------------------------------------------------------------------------------------
@@ -286,7 +359,7 @@ def digits_cache(root: Path) -> None:
     from pipeline.data import load_dataset
     from pipeline.models import build_model
     from pipeline.params import load_params
-    from pipeline.train import cache_teacher_logits
+    from pipeline.cache import cache_teacher_logits
 
     params = load_params(ROOT / "params.yaml")
     data = load_dataset(params.data)
@@ -373,8 +446,9 @@ def main(stages, kills, formats, ranks_list, seed, fsync_cost, repeats, out, jso
         results.update({prefix + name: float(row[name]) for name in ("kills", "mid_write", "identical", "repaired")})
     intro = ["", "## Fault-injection soak", "",
              f"`python bench/fault_soak.py --kills {kills} --formats {formats} --ranks {ranks_list} --seed {seed}` "
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): each kill SIGKILLs `kd cache` and all its "
-             "processes, then the same command finishes the store, compared bit for bit with an uninterrupted run.",
+             f"--stage {stages} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): each kill SIGKILLs the "
+             "stage and all its processes, then the same command finishes it (the store; the student), compared bit "
+             "for bit with an uninterrupted run.",
              ""]
     publish(intro + lines, results, append_to=out, json_path=json_path)
     bad = [t for t in trials if not t.identical or t.marked_unreadable or t.repaired]

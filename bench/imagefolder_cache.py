@@ -39,6 +39,7 @@ others_cores_imagefolder_cpu (median cores other processes used during the steps
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -58,18 +59,21 @@ import torch
 from output import publish
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
-from pipeline.params import CacheParams, DataParams
+from pipeline.params import CacheParams, DataParams, load_params
+from pipeline.store import LogitStore
+from pipeline.train import distill, store_targets
 from pipeline.replay import ReplayDataset, build_augment
 from pipeline.sources import ImageFiles
-from pipeline.train import cache_teacher_logits, teacher_forward
+from pipeline.cache import cache_teacher_logits, teacher_forward
 
-CIFAR_JPG = Path("/work/shared/data/cifar10-jpg.tar.gz")
+CIFAR_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
 IMAGE_SIZE = 256
 AUGMENT = [{"RandomResizedCrop": {"size": 224}}, {"RandomHorizontalFlip": {}}]
 CPU = torch.device("cpu")
 CORES = os.cpu_count() or 1
 MARKER = ".kd_bench_imagefolder.json"
+STUDENT = "mobilenet_v3_small"  # at 224: small enough for one epoch on 2 cores
 
 
 # ---- the data -------------------------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
     teacher = build_model(arch, 3, num_classes, {}, 224, seed=0).eval()
     transform = input_transform(build_augment(AUGMENT), mean, std)
     decoded = torch.stack([split.images[i] for i in range(n)])  # also warms the page cache
-    replayer = ReplayDataset(decoded, split.labels, transform, 0, batched=False)  # view by view, as for ImageFiles
+    replayer = ReplayDataset(decoded, split.labels, transform, 0)  # batched (RandomResizedCrop + flip), as the stage
     pairs = [(i, v) for i in range(n) for v in range(views)]
     timed_pairs = pairs[:8 * batch]  # the replay's and forward's costs per view do not depend on which views
     forward_batches = [replayer.collate(replayer.__getitems__(timed_pairs[s:s + batch]))[0]
@@ -236,19 +240,36 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
         for x in forward_batches:
             teacher_forward(teacher, x, CPU, "off")
 
-    def cache(workers):
+    def cache(workers, out=None):
         cfg = CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
                           chunk_samples=1024, batch_size=batch, amp="off")
-        out = root / f"w{workers}-{time.perf_counter_ns()}.zarr"
+        keep, out = out is not None, out or root / f"w{workers}-{time.perf_counter_ns()}.zarr"
         cache_teacher_logits(out, cfg, teacher, arch, split, num_classes, AUGMENT, mean, std, CPU,
                              num_workers=workers)
-        shutil.rmtree(out, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+    # the distill stage from the folder: one epoch of a student with the store's targets against plain CE (the
+    # floor: the same loop, views and student, no targets), both decoding each image from its file
+    store_path = root / "store.zarr"
+    cache(0, store_path)
+    store = LogitStore(store_path)
+    defaults = load_params(Path(__file__).resolve().parents[1] / "params.yaml").distill
+    run = dataclasses.replace(defaults, epochs=1, batch_size=32, shuffle_chunks=0, optimizer=dataclasses.replace(
+        defaults.optimizer, lr_milestones=[], lr_factors=[]))
+    val = split.subset(range(4))
+
+    def student_epoch(kd_weight):
+        student = build_model(STUDENT, 3, num_classes, {}, 224, seed=0)
+        distill(student, split, val, store_targets(store), transform, input_transform(None, mean, std), 0, views,
+                run, kd_weight=kd_weight, seed=0, device=CPU, progress=False)
 
     steps = {  # name: (fn, units timed, what a unit is)
         "decode": (decode, n), "replay": (replay, len(timed_pairs)), "forward": (forward, forward_views)}
     jobs = [(f"{name}_{t}t" if t else name, on_threads(t, fn), units) for t in (0, 1)
             for name, (fn, units) in steps.items()]
-    jobs += [("w0", lambda: cache(0), len(pairs)), (wide, lambda: cache(CORES), len(pairs))]
+    jobs += [("w0", lambda: cache(0), len(pairs)), (wide, lambda: cache(CORES), len(pairs)),
+             ("distill_ce", lambda: student_epoch(0.0), n), ("distill_store", lambda: student_epoch(1.0), n)]
     forward(), replay()  # warm up
     cpu, wall, others, decodes = ({k: [] for k, _, _ in jobs} for _ in range(4))
     for r in range(repeats):
@@ -269,7 +290,9 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
            f"cache_views_per_s_imagefolder_cpu_{wide}": 1 / wall[wide],
            "cache_decodes_per_sample": statistics.median([decodes["w0"], decodes[wide]]),
            "cache_decodes_per_sample_w0": decodes["w0"], f"cache_decodes_per_sample_{wide}": decodes[wide],
-           "others_cores_imagefolder_cpu": statistics.median(others.values())}
+           "others_cores_imagefolder_cpu": statistics.median(others.values()),
+           "distill_vs_ce_imagefolder_cpu": wall["distill_ce"] / wall["distill_store"],
+           "distill_samples_per_s_imagefolder_cpu": 1 / wall["distill_store"]}
     for suffix, t in (("", ""), ("_1thread", "_1t")):
         d, rp, f = (cpu[f"{k}{t}"] for k in ("decode", "replay", "forward"))
         for name, per_view in (("decode_once", d / views + rp + f), ("decode_per_view", d + rp + f)):
@@ -299,7 +322,7 @@ def section(r: dict, wall: dict, others: dict, command: str, record: dict, sampl
              f"{samples} training images, teacher `{arch}` (random weights) at 224, batch {batch}, a real zarr store "
              f"(float16). Views per second, medians of {repeats} alternated repeats. Bounds as in "
              "bench/cache_throughput.py, from CPU-seconds measured in the same repeats: cores / (decode + replay + "
-             f"forward CPU-s per view), decode counted per view (as the stage does today) or once per image (/ V), "
+             f"forward CPU-s per view), decode counted per view (as the stage did before it decoded once) or once per image (/ V), "
              f"each step on torch's {threads} threads (cache_throughput's way) or on 1 thread (as each worker "
              "runs). Decodes per sample: calls of `ImageFiles.__getitem__` (in this process and its workers) "
              "during one cache run / samples.", "",
@@ -329,6 +352,11 @@ def section(r: dict, wall: dict, others: dict, command: str, record: dict, sampl
                      f"| {others[k]:.2f} / {others[k + '_1t']:.2f} |")
     for k, label in (("w0", "cache stage, 0 workers, per view"), (wide, f"cache stage, {CORES} workers, per view")):
         lines.append(f"| {label} | | {1e3 * wall[k]:.2f} | | | {others[k]:.2f} |")
+    lines += ["", f"The distill stage from the same folder (student `{STUDENT}` at 224, one epoch of the real loop, "
+              "batch 32, each image decoded from its file, 0 workers): "
+              f"{1e3 * wall['distill_ce']:.1f} ms per sample with plain CE (the floor), "
+              f"{1e3 * wall['distill_store']:.1f} ms with the store's targets: "
+              f"**{r['distill_vs_ce_imagefolder_cpu']:.3f}x** of the floor (`distill_vs_ce_imagefolder_cpu`)."]
     return lines
 
 

@@ -17,7 +17,7 @@ import torch
 from pipeline.data import Split
 from pipeline.models import build_model, resolve_device
 from pipeline.params import CacheParams
-from pipeline.train import cache_teacher_logits
+from pipeline.cache import cache_teacher_logits
 
 AUGMENT = [{"RandomCrop": {"size": 32, "padding": 4}}, {"RandomHorizontalFlip": {"p": 0.5}}]
 

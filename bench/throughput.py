@@ -52,7 +52,8 @@ from pipeline.models import build_model, resolve_device
 from pipeline.params import OptimParams
 from pipeline.store import LogitStore, StoreMeta
 from pipeline.writer import write_store
-from pipeline.train import distill_step, make_optimizer, online_targets, store_targets, teacher_forward
+from pipeline.train import distill_step, make_optimizer, online_targets, store_targets
+from pipeline.cache import teacher_forward
 
 ADAM = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=1e-4,
                    schedule="step", lr_milestones=[], lr_factors=[])  # the origin's optimizer

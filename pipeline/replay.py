@@ -99,7 +99,8 @@ class BatchReplay:
     """`replay_view` for a whole batch at once, where the augmentation is only crops and flips: a batch's views
     are then equal, bit for bit, to `torch.stack([replay_view(...) for each view])` (tests/test_replay.py).
 
-    Supported: `input_transform(augment, ...)` whose `augment` is any sequence of RandomCrop (constant zero
+    Supported: `input_transform(augment, ...)` whose `augment` is an optional RandomResizedCrop (any size, scale,
+    ratio, interpolation, antialias: the ImageNet family) first, then any sequence of RandomCrop (constant zero
     fill, any padding, pad_if_needed), RandomHorizontalFlip and RandomVerticalFlip; `BatchReplay.of(transform)`
     is None for anything else (callers then replay view by view). The random draws are replay_view's own: each
     view's generator is seeded with `view_seed`, and each step draws what its `forward` draws (a flip's
@@ -110,11 +111,14 @@ class BatchReplay:
 
     How: each view's crops and flips compose into a row index map and a column index map into the image with
     one fill row and column appended (index H or W = fill): a crop with padding (l, t, r, b) at (top, left)
-    maps cols to (fill x l, cols, fill x r)[left:left + w], a horizontal flip reverses cols.
+    maps cols to (fill x l, cols, fill x r)[left:left + w], a horizontal flip reverses cols. A RandomResizedCrop
+    first runs view by view on the float images, as replay_view runs it (`F.resized_crop` with the drawn box, the
+    transform's size, interpolation and antialias), on the batch's device; the maps then act on its output. The
+    images of a batch must share one size (`data.image_size`, or same-size files).
     """
 
-    def __init__(self, to_float, steps, normalize):
-        self.to_float, self.steps, self.normalize = to_float, steps, normalize
+    def __init__(self, to_float, steps, normalize, resized=None):
+        self.to_float, self.steps, self.normalize, self.resized = to_float, steps, normalize, resized
 
     @classmethod
     def of(cls, transform) -> "BatchReplay | None":
@@ -127,34 +131,42 @@ class BatchReplay:
         augment = parts[1] if len(parts) == 3 else v2.Identity()
         steps = list(augment.transforms) if isinstance(augment, v2.Compose) else [augment]
         steps = [s for s in steps if not isinstance(s, v2.Identity)]
+        resized = steps.pop(0) if steps and type(steps[0]) is v2.RandomResizedCrop else None
         for s in steps:
             if type(s) in (v2.RandomHorizontalFlip, v2.RandomVerticalFlip):
                 continue
             if type(s) is v2.RandomCrop and s.padding_mode == "constant" and _zero_fill(s):
                 continue
             return None
-        return cls(parts[0], steps, parts[-1])
+        return cls(parts[0], steps, parts[-1], resized)
 
     def draw(self, seed: int, samples, views, shape) -> np.ndarray:
-        """The random parameters of each view (B, 2 x steps) int64, drawn as `replay_view` draws them: (top, left)
-        for a crop, (flipped, 0) for a flip. The global generator is left as it was. shape: the images' (C, H, W)."""
+        """The random parameters of each view (B, 4 + 2 x steps) int64, drawn as `replay_view` draws them: the
+        resized crop's (top, left, height, width) (zeros without one), then (top, left) for a crop, (flipped, 0)
+        for a flip. The global generator is left as it was. shape: the images' (C, H, W)."""
         from torchvision.transforms import v2
 
         owns_generator()
         generator = torch.default_generator
         state = generator.get_state()
         sizes, h, w = [], shape[-2], shape[-1]
+        image = torch.empty((shape[0], h, w), dtype=torch.uint8)
+        if self.resized is not None:
+            h, w = _resized_size(self.resized)
         for s in self.steps:  # the image size each step sees (crops fix it for the next)
             sizes.append(torch.empty((shape[0], h, w), dtype=torch.uint8))
             if type(s) is v2.RandomCrop:
                 h, w = s.size
-        out = np.zeros((len(samples), 2 * len(self.steps)), dtype=np.int64)
+        out = np.zeros((len(samples), 4 + 2 * len(self.steps)), dtype=np.int64)
         try:
             for row, (i, v) in enumerate(zip(samples, views)):
                 generator.manual_seed(view_seed(seed, int(i), int(v)))
-                for k, s in enumerate(self.steps):
+                if self.resized is not None:
+                    p = self.resized.make_params([image])
+                    out[row, :4] = (p["top"], p["left"], p["height"], p["width"])
+                for k, s in enumerate(self.steps, start=2):
                     if type(s) is v2.RandomCrop:
-                        p = s.make_params([sizes[k]])
+                        p = s.make_params([sizes[k - 2]])
                         out[row, 2 * k:2 * k + 2] = (p["top"], p["left"])
                     else:
                         out[row, 2 * k] = bool(torch.rand(1) < s.p)
@@ -166,10 +178,16 @@ class BatchReplay:
         """uint8 images (B, C, H, W) and their `draw`n params -> the views (B, C, h, w) float32, contiguous, on
         the images' device."""
         from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
 
+        if self.resized is not None:  # view by view, on the float image, exactly as replay_view runs it
+            r = self.resized
+            floats = self.to_float(images)
+            images = torch.stack([F.resized_crop(floats[b], *box, size=r.size, interpolation=r.interpolation,
+                                                 antialias=r.antialias) for b, box in enumerate(params[:, :4].tolist())])
         b, _, height, width = images.shape
         device = images.device
-        params = torch.as_tensor(params, device=device)
+        params = torch.as_tensor(params[:, 4:], device=device)
         rows = torch.arange(height, device=device).expand(b, height)
         cols = torch.arange(width, device=device).expand(b, width)
         for k, s in enumerate(self.steps):
@@ -185,7 +203,13 @@ class BatchReplay:
         channels, h, w = images.shape[1], rows.shape[1], cols.shape[1]
         x = filled.gather(2, rows[:, None, :, None].expand(b, channels, h, width + 1))
         x = x.gather(3, cols[:, None, None, :].expand(b, channels, h, w))
-        return self.normalize(self.to_float(x)).contiguous()
+        return self.normalize(x if self.resized is not None else self.to_float(x)).contiguous()
+
+
+def _resized_size(crop) -> tuple[int, int]:
+    """The (height, width) a RandomResizedCrop outputs."""
+    size = crop.size
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def _zero_fill(crop) -> bool:
@@ -214,19 +238,38 @@ def _crop_map(index: torch.Tensor, before: int, after: int, start: torch.Tensor,
     return padded.gather(1, start[:, None] + torch.arange(size, device=index.device))
 
 
+def one_size(images) -> bool:
+    """True when every image of `images` has one size, so a batch of them stacks: arrays, and image folders that
+    `load_dataset` resizes (data.image_size) or holds to the first file's size."""
+    return isinstance(images, torch.Tensor) or (getattr(images, "image_size", None) is not None
+                                                or getattr(images, "first", None) is not None)
+
+
+def replay_device(images, transform, device: torch.device) -> str:
+    """The device whose arithmetic makes the views of `images` under `transform` for a run on `device`, as far as
+    it can change their bits: a RandomResizedCrop replayed a batch at a time runs its interpolation on the run's
+    device (a GPU's rounding differs from the CPU's); crops, flips and padding only move pixels (exact anywhere),
+    and view-by-view replay always runs on the CPU. Recorded in the store (`replay`) and compared by `kd distill`."""
+    plan = BatchReplay.of(transform) if one_size(images) else None
+    return device.type if plan is not None and plan.resized is not None else "cpu"
+
+
 class ReplayDataset(torch.utils.data.Dataset):
     """Indexed by `(sample, view)` pairs; yields `(view tensor, label, sample, view)`.
 
     Pass a sampler that yields pairs (e.g. `epoch_pairs`); works the same in DataLoader workers. Fetched a
-    batch at a time (`__getitems__`, as `pipeline.train.make_loader` does), a dataset of in-memory images whose
-    augmentation `BatchReplay` supports returns the batch's uint8 images and drawn parameters instead, and the
-    loader replays them on the training device (`batched`; the same tensors either way).
+    batch at a time (`__getitems__`, as `pipeline.loaders.make_loader` does), each distinct sample of the batch is
+    read (an image file: decoded) once, however many of its views the batch holds: the cache stage's batches hold
+    whole samples, so every image is decoded once per run. Where `BatchReplay` supports the augmentation and the
+    images share one size (arrays; image folders, whose images `load_dataset` makes one size), a batch is the
+    distinct uint8 images, which view takes which, and the drawn parameters, and the loader replays them on the
+    training device (`batched`; the same tensors either way).
     """
 
     def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None, batched: bool = True):
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self.targets = targets  # optional: an object with read(samples, views) -> (B, C) teacher logits
-        self.batched = BatchReplay.of(transform) if batched and isinstance(images, torch.Tensor) else None
+        self.batched = BatchReplay.of(transform) if batched and one_size(images) else None
         if len(images):  # every stage's replay starts here: refuse a transform the images do not fit, before any work
             from pipeline.data import check_augment
 
@@ -241,20 +284,27 @@ class ReplayDataset(torch.utils.data.Dataset):
         return x, self.labels[index], index, view
 
     def __getitems__(self, pairs):
-        """A batch's items; with `targets`, each also carries its teacher logits, read for the batch at once
-        (so in DataLoader workers the store's reads run beside the training step). With `batched`: one tuple
-        (uint8 images, BatchReplay params, labels, samples, views[, logits]) for `BatchReplay.apply`, all but
-        the images as numpy arrays: from a worker they then travel pickled, where each tensor costs a round trip
-        to the worker for its shared-memory handle (measured on a GPU host, that round trip bounded the loader)."""
+        """A batch's items, each distinct sample read once; with `targets`, each also carries its teacher logits,
+        read for the batch at once (so in DataLoader workers the store's reads run beside the training step). With
+        `batched`: one tuple (distinct uint8 images, the image of each view, BatchReplay params, labels, samples,
+        views[, logits]) for `collate`, all but the images as numpy arrays: from a worker they then travel pickled,
+        where each tensor costs a round trip to the worker for its shared-memory handle (measured on a GPU host,
+        that round trip bounded the loader)."""
         samples = np.fromiter((p[0] for p in pairs), np.int64, len(pairs))
         views = np.fromiter((p[1] for p in pairs), np.int64, len(pairs))
         logits = self.targets.read(samples, views) if self.targets is not None else None
+        distinct, which = np.unique(samples, return_inverse=True)
         if self.batched is not None:
-            images = self.images[torch.from_numpy(samples)]
-            batch = (images, self.batched.draw(self.seed, samples, views, images.shape[1:]),
+            if isinstance(self.images, torch.Tensor):
+                images = self.images[torch.from_numpy(distinct)]
+            else:
+                images = torch.stack([self.images[int(i)] for i in distinct])
+            batch = (images, which, self.batched.draw(self.seed, samples, views, images.shape[1:]),
                      self.labels.numpy()[samples], samples, views)
             return batch if logits is None else (*batch, logits)
-        items = [self[pair] for pair in pairs]
+        read = [self.images[int(i)] for i in distinct]
+        items = [(replay_view(read[k], self.transform, self.seed, int(i), int(v)), self.labels[i], int(i), int(v))
+                 for k, i, v in zip(which, samples, views)]
         if logits is None:
             return items
         return [(*item, row) for item, row in zip(items, torch.from_numpy(logits))]
@@ -264,8 +314,9 @@ class ReplayDataset(torch.utils.data.Dataset):
         (replayed there by `BatchReplay.apply` where `batched`)."""
         if self.batched is None:
             return torch.utils.data.default_collate(items)
-        images, params, *rest = items
-        return (self.batched.apply(images.to(device, non_blocking=True), params), *map(torch.from_numpy, rest))
+        images, which, params, *rest = items
+        images = images.to(device, non_blocking=True)[torch.from_numpy(which).to(device)]
+        return (self.batched.apply(images, params), *map(torch.from_numpy, rest))
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -6,7 +6,7 @@ Layout (the same names in both formats):
   labels       (num_samples,)                          int64
   chunks_done  (num_chunks,)                           bool: chunk k's logits are written and durable
   attributes: format_version, num_samples, num_views, num_classes, augment (JSON text),
-              mean, std (input normalization), seed, dtype, chunk_samples, amp, teacher_arch,
+              mean, std (input normalization), seed, dtype, chunk_samples, amp, replay, teacher_arch,
               teacher_fingerprint, dataset_fingerprint, and `complete: true`, written last.
 
 Writing (chunk by chunk, resumable) is `pipeline.writer`; this module owns the layout and the reader.
@@ -30,7 +30,8 @@ import numpy as np
 
 from pipeline import KDError, topk
 
-FORMAT_VERSION = 5  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k
+FORMAT_VERSION = 6  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k;
+# 6: replay
 FLOAT16_MAX = 65504.0
 
 
@@ -55,6 +56,7 @@ class StoreMeta:
     teacher_arch: str
     teacher_fingerprint: str
     dataset_fingerprint: str
+    replay: str = "cpu"  # the device whose arithmetic made the views (`pipeline.replay.replay_device`)
     format_version: int = FORMAT_VERSION
 
     def to_attrs(self) -> dict:
@@ -74,7 +76,7 @@ class StoreMeta:
         values["std"] = [float(m) for m in values["std"]]
         for n in ("num_samples", "num_views", "num_classes", "seed", "top_k", "chunk_samples", "format_version"):
             values[n] = int(values[n])
-        for n in ("dtype", "storage", "amp", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
+        for n in ("dtype", "storage", "amp", "replay", "teacher_arch", "teacher_fingerprint", "dataset_fingerprint"):
             values[n] = str(values[n])
         return cls(**values)
 

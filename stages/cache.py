@@ -31,7 +31,7 @@ def cache(ctx, params_path, device, teacher_path, out):
     from pipeline.data import check_augment, input_transform, load_dataset
     from pipeline.models import load_checkpoint
     from pipeline.replay import build_augment
-    from pipeline.train import cache_teacher_logits
+    from pipeline.cache import cache_teacher_logits
     from pipeline.writer import store_lock
 
     params, device = setup(params_path, device)
@@ -77,7 +77,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
     from pipeline.models import load_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment, replay_view
     from pipeline.store import LogitStore
-    from pipeline.train import prepare_teacher, teacher_forward
+    from pipeline.cache import prepare_teacher, teacher_forward
 
     if samples < 0:
         raise KDError(f"--samples is {samples}; expected the number of entries to recompute, >= 0 (0: none)")

@@ -27,9 +27,10 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     from pipeline import KDError, distributed
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
-    from pipeline.replay import build_augment
+    from pipeline.replay import build_augment, replay_device
     from pipeline.resume import resume_at
-    from pipeline.train import PREFETCH, accuracy, distill as run_distill, online_targets, store_targets
+    from pipeline.train import accuracy, distill as run_distill, online_targets, store_targets
+    from pipeline.loaders import PREFETCH
 
     params, device = setup(params_path, device)
     device = distributed.init(device)  # under torchrun: DDP, one rank per process (each on its own GPU)
@@ -59,6 +60,8 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
         transform = input_transform(build_augment(augment), mean, std)
         eval_transform = input_transform(None, mean, std)
         me = distributed.rank()
+        if cfg.teacher_source == "cache" and me == 0 and not baseline:
+            _replay_advice(store, replay_device(data.train.images, transform, device))
         resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, replay_seed, num_views,
                            params.cache.chunk_samples, params.cache.amp, dataclasses.asdict(cfg), baseline,
                            teacher_facts)
@@ -76,6 +79,17 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
     save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)
     resume.clear()
+
+
+def _replay_advice(store, replay: str) -> None:
+    """Say on stderr when this run makes its views on another device than the cache did (`replay` in the store):
+    a RandomResizedCrop's interpolation rounds differently there, so the student's views are not, bit for bit,
+    those whose logits the store holds."""
+    if store.meta.replay != replay:
+        click.echo(f"warning: {store.path} holds the teacher's logits for views made on {store.meta.replay} "
+                   f"(replay: {store.meta.replay}), while this run makes them on {replay}: a RandomResizedCrop's "
+                   "interpolation rounds differently there, so the student's views differ from the teacher's in the "
+                   "last bits; distill on the device that cached (--device), or re-cache on this one", err=True)
 
 
 def _out_of_core_advice(store, shuffle_chunks: int, memory_mb: int) -> None:

@@ -12,7 +12,8 @@ from pipeline.data import Split, input_transform, load_dataset
 from pipeline.models import build_model, save_checkpoint
 from pipeline.params import CacheParams, OptimParams, load_params
 from pipeline.replay import build_augment
-from pipeline.train import cache_teacher_logits, train_teacher
+from pipeline.train import train_teacher
+from pipeline.cache import cache_teacher_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_params
-from pipeline.train import RankBatches
+from pipeline.loaders import RankBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}

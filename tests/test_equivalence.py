@@ -11,7 +11,9 @@ from pipeline.models import build_model
 from pipeline.data import input_transform
 from pipeline.replay import EpochSampler, ReplayDataset, build_augment, replay_view
 from pipeline.store import LogitStore
-from pipeline.train import distill, make_loader, online_targets, store_targets, teacher_forward
+from pipeline.train import distill, online_targets, store_targets
+from pipeline.cache import teacher_forward
+from pipeline.loaders import make_loader
 from conftest import EVAL, MEAN, STD, TRANSFORM, make_store, write_params
 from pipeline.params import load_params
 
@@ -96,7 +98,7 @@ def test_cache_and_online_teacher_share_one_forward_under_autocast(teacher, trai
     """cache.amp: the store and the online teacher run the same `teacher_forward`, so under bfloat16 autocast
     (runnable on CPU) they still agree, and the precision is recorded in the store."""
     from pipeline.params import CacheParams
-    from pipeline.train import cache_teacher_logits, resolve_amp
+    from pipeline.cache import cache_teacher_logits, resolve_amp
 
     cfg = CacheParams(num_views=2, seed=7, format="zarr", dtype="float32", storage="full", top_k=1, chunk_samples=32,
                       batch_size=40, amp="bfloat16")
@@ -178,7 +180,7 @@ def test_cache_workers_running_the_teacher_write_the_same_store(teacher, train_s
     store is the one the main process alone writes, bit for bit."""
     from conftest import AUGMENT
     from pipeline.params import CacheParams
-    from pipeline.train import cache_teacher_logits
+    from pipeline.cache import cache_teacher_logits
 
     spec = AUGMENT if augment == "affine" else CROP_FLIP
     cfg = CacheParams(num_views=2, seed=3, format="zarr", dtype="float32", storage="full", top_k=1,

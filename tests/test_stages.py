@@ -127,7 +127,7 @@ def test_failed_cache_leaves_no_store(workdir, monkeypatch):
 
     (Whether `<out>.partial` is kept, to resume from, is the writer's business; it is never the store.)
     """
-    import pipeline.train
+    import pipeline.cache
     from pipeline.store import LogitStore
 
     params = write_params(workdir / "params.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200})
@@ -137,7 +137,7 @@ def test_failed_cache_leaves_no_store(workdir, monkeypatch):
     every_pair = np.repeat(np.arange(old.meta.num_samples), 2), np.tile(np.arange(2), old.meta.num_samples)
     old_meta, old_logits = old.meta, old.read(*every_pair)
 
-    teacher_logits_on, calls = pipeline.train.teacher_logits_on, []
+    teacher_logits_on, calls = pipeline.cache.teacher_logits_on, []
 
     def fails_on_the_third_batch(teacher, x, device, amp):  # one batch per chunk: chunk_samples x 2 views
         calls.append(len(x))
@@ -145,7 +145,7 @@ def test_failed_cache_leaves_no_store(workdir, monkeypatch):
             raise RuntimeError("boom")
         return teacher_logits_on(teacher, x, device, amp)
 
-    monkeypatch.setattr(pipeline.train, "teacher_logits_on", fails_on_the_third_batch)
+    monkeypatch.setattr(pipeline.cache, "teacher_logits_on", fails_on_the_third_batch)
     reseeded = write_params(workdir / "reseeded.yaml", **{"cache.chunk_samples": 100, "cache.batch_size": 200,
                                                           "cache.seed": 1})  # other logits than old.zarr's
     for out in ("new.zarr", "old.zarr"):

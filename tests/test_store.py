@@ -11,7 +11,7 @@ from pipeline.models import weights_fingerprint
 from pipeline.replay import replay_view
 from pipeline.store import LogitStore, StoreError, StoreMeta
 from pipeline.writer import StoreWriter, write_store
-from pipeline.train import teacher_forward
+from pipeline.cache import teacher_forward
 from conftest import AUGMENT, TRANSFORM, make_store
 
 FORMATS = ["zarr", "hdf5"]

@@ -1,0 +1,164 @@
+"""Batches for training and caching: DataLoaders over (sample, view) pairs, a rank's share of a global batch, and
+the read-ahead of a store's logits beside the training step (a thread that only reads the store).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device,
+                collated: bool = False):
+    """A DataLoader over `sampler`'s pairs in batches of `batch_size` (None: `sampler` yields whole batches);
+    workers (if any) live as long as the loader. Batches are `(x, y, samples, views[, logits])`.
+
+    Its own generator keeps the loader from drawing on the global RNG, so the number of workers
+    never changes a result (the views themselves are seeded per (sample, view) by the replay). Where the
+    dataset replays `batched` (crops and flips of in-memory images), the workers send uint8 images and the
+    drawn parameters, and x is replayed on `device` (`BatchReplay.apply`; the same tensors as view by view).
+    `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are.
+    """
+    batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
+    replayed = not collated and getattr(dataset, "batched", None) is not None
+    loader = DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
+                        pin_memory=device.type == "cuda", generator=torch.Generator(),
+                        **({"collate_fn": _as_is} if replayed or collated else {}))
+    return _Replayed(loader, device) if replayed else loader
+
+
+def _as_is(batch):
+    return batch
+
+
+class _Replayed:
+    """A loader of `batched` ReplayDataset batches, each replayed on `device` as it is taken."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for items in self.loader:
+            yield self.loader.dataset.collate(items, self.device)
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """This rank's share of each global batch of `pairs_of(epoch)` (set `epoch` before each pass).
+
+    The epoch's pairs are cut into global batches of `batch_size` in order; rank r of `world` takes the r-th
+    of `np.array_split(batch, world)` (near-equal parts). A rank whose part is empty (a last batch smaller than
+    the world) gets the batch's first pair as a stand-in, which `share` weighs 0. One process: the batches are
+    exactly `DataLoader(batch_size=...)`'s.
+    """
+
+    def __init__(self, pairs_of, batch_size: int, rank: int = 0, world: int = 1):
+        self.pairs_of, self.batch_size, self.rank, self.world, self.epoch = pairs_of, batch_size, rank, world, 0
+
+    def __iter__(self):
+        pairs = self.pairs_of(self.epoch)
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start:start + self.batch_size]
+            first, stop = _share_bounds(len(batch), self.rank, self.world)
+            yield batch[first:stop] if stop > first else batch[:1]
+
+    def share(self, step: int, total: int) -> tuple[int, float]:
+        """(this rank's real samples in global step `step` of an epoch of `total` pairs, its loss scale
+        samples x world / global batch): scaled so, the ranks' averaged gradients are the global batch mean's."""
+        size = min(self.batch_size, total - step * self.batch_size)
+        first, stop = _share_bounds(size, self.rank, self.world)
+        return stop - first, (stop - first) * self.world / size
+
+
+def _share_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[first, stop) of rank's part of `size` items, as np.array_split cuts them."""
+    base, extra = divmod(size, world)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
+
+
+PREFETCH = 4  # batches read ahead from a store larger than memory (`kd distill`); in-memory stores read in line
+
+
+def prefetched(batches, targets: Targets | None, depth: int, pairs=None):
+    """Yield `(batch, teacher logits or None)` for each batch `(x, y, samples, views)` of `batches`.
+
+    depth 0: the targets are read in line, `targets(x, samples, views)`. depth > 0 (`targets` a `StoreTargets`):
+    a background thread reads the logits of up to `depth` batches ahead, from `pairs`, an iterable of each batch's
+    list of (sample, view) pairs in the loader's order (its batch sampler). That thread only reads the store: it
+    never touches the loader, so replay, which reseeds torch's global generator, stays in this (the training)
+    thread, and a dropout mask drawn here can never interleave with it. Each batch's samples are checked against
+    the logits read for it. The values are the same as in line.
+
+    Whatever ends the iteration (the last batch, an exception in the caller's step, a failed read), the thread is
+    told to stop and joined before this generator returns: no put or get waits without a timeout on the other
+    side, so nothing is left behind and nothing hangs. Close it (`contextlib.closing`) to end it at once.
+    """
+    if depth <= 0 or targets is None:
+        for batch in batches:
+            yield batch, (targets(batch[0], batch[2], batch[3]) if targets is not None else None)
+        return
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for batch_pairs in pairs:
+                samples = np.fromiter((p[0] for p in batch_pairs), np.int64, len(batch_pairs))
+                views = np.fromiter((p[1] for p in batch_pairs), np.int64, len(batch_pairs))
+                if not offer((samples, targets.read(samples, views))):
+                    return
+            offer(done)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the training thread
+            offer(e)
+
+    thread = threading.Thread(target=work, name="kd-read-ahead", daemon=True)
+    thread.start()
+    try:
+        for batch in batches:
+            while True:
+                try:
+                    item = box.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if not thread.is_alive():
+                        raise RuntimeError("the read-ahead thread ended without a result") from None
+            if isinstance(item, BaseException):
+                raise item
+            if item is done or not np.array_equal(item[0], np.asarray(batch[2])):
+                raise RuntimeError("read-ahead out of step with the loader: the batch sampler and the loader "
+                                   "disagree on a batch's samples")
+            yield batch, torch.from_numpy(item[1])
+    finally:
+        stop.set()
+        thread.join()
+
+
+def close_loader(loader) -> None:
+    """End the worker processes of `loader` (a `make_loader` result) now, not when it is garbage-collected: a
+    stage that fails leaves no worker behind."""
+    loader = getattr(loader, "loader", loader)
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
