@@ -61,7 +61,8 @@ def prepare_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
 
 
 def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta, chunks: list[int], batch_size: int,
-                         device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+                         device: torch.device, num_workers: int = 0,
+                         teacher_in_workers: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(k, logits[rows of chunk k, V, C])` float32 for each chunk index in `chunks`, in that order.
 
     View v of sample i is `replay_view(images[i], transform, meta.seed, i, v)`. A batch holds all V views of
@@ -70,12 +71,12 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
     over all the chunks' views (batches cross chunk boundaries, so the workers never drain between chunks);
     a chunk is yielded as soon as its last view is in, so at most two chunks are held at a time. On the CPU
     with `num_workers` > 0 each worker also runs the teacher on the batches it replays (one torch thread each, so
-    replay and forward share the cores without contending); elsewhere the workers replay and the teacher runs
-    here, a batch ahead of the copy back.
+    replay and forward share the cores without contending; not with `teacher_in_workers` False, e.g. a compiled
+    teacher); elsewhere the workers replay and the teacher runs here, a batch ahead of the copy back.
     """
     dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed)
     views = meta.num_views
-    on_workers = device.type == "cpu" and num_workers > 0
+    on_workers = device.type == "cpu" and num_workers > 0 and teacher_in_workers
 
     order = [i for k in chunks for i in range(*meta.chunk_rows(k))]
     per_batch = max(1, round(batch_size / views))  # whole samples: every image is read once
@@ -162,6 +163,8 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
     The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v).
     An interrupted run left `<path>.partial`: only its unfinished chunks are computed. Replay (in `num_workers`
     DataLoader workers), the teacher's forward and the store writes (in a background thread) overlap.
+    `cfg.compile`: the teacher runs under `torch.compile` (in this process; a one-off compile, and one more for a
+    last batch of another size), its logits within float32 rounding of the eager ones (bench/teacher_compile.py).
     Under torchrun, rank r computes every world-size-th unfinished chunk: zarr ranks write their own chunks
     into the one store; for HDF5 (one writer per file) rank 0 writes the chunks every rank sends it.
     Returns (meta, number of chunks that were already done).
@@ -185,8 +188,11 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
         pending = distributed.broadcast(writer.pending if me == 0 else None)
         mine = pending[me::world]
         transform = input_transform(build_augment(augment), mean, std)
-        chunks = teacher_logit_chunks(prepare_teacher(teacher, device), train.images, transform, meta, mine,
-                                      cfg.batch_size, device, num_workers)
+        model = prepare_teacher(teacher, device)
+        if cfg.compile:  # compiled once, here: the workers (if any) only replay
+            model = torch.compile(model)
+        chunks = teacher_logit_chunks(model, train.images, transform, meta, mine, cfg.batch_size, device,
+                                      num_workers, teacher_in_workers=not cfg.compile)
         if cfg.format == "hdf5" and world > 1:  # every rank sends its chunk to rank 0, one round at a time
             for _ in range(-(-len(pending) // world)):
                 gathered = distributed.gather(next(chunks, None))

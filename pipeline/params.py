@@ -72,6 +72,7 @@ class CacheParams:
     chunk_samples: int
     batch_size: int
     amp: str
+    compile: bool = False  # torch.compile the teacher (never changes the logits beyond float32 rounding)
 
 
 @dataclasses.dataclass(frozen=True)

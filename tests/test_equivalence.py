@@ -242,3 +242,23 @@ def test_replay_refuses_to_run_outside_the_main_thread(train_subset):
     thread.start()
     thread.join()
     assert errors and "main thread" in errors[0]
+
+
+def test_a_compiled_teacher_writes_the_store_within_float32_rounding(teacher, train_subset, tmp_path):
+    """cache.compile: the same views through `torch.compile(teacher)`, run in this process (workers only replay):
+    the logits agree with the eager store within float32 rounding."""
+    import dataclasses
+
+    from pipeline.cache import cache_teacher_logits
+    from pipeline.params import CacheParams
+
+    cfg = CacheParams(num_views=2, seed=3, format="zarr", dtype="float32", storage="full", top_k=1, chunk_samples=48,
+                      batch_size=48, amp="auto")
+    pairs = np.repeat(np.arange(96), 2), np.tile(np.arange(2), 96)
+    stored = {}
+    for compiled, workers in ((False, 0), (True, 1)):
+        path = tmp_path / f"c{compiled}.zarr"
+        cache_teacher_logits(path, dataclasses.replace(cfg, compile=compiled), teacher, "cnn", train_subset, 10,
+                             CROP_FLIP, MEAN, STD, CPU, num_workers=workers)
+        stored[compiled] = LogitStore(path).read(*pairs)
+    np.testing.assert_allclose(stored[True], stored[False], rtol=1e-5, atol=1e-5 * np.abs(stored[False]).max())

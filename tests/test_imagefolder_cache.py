@@ -55,15 +55,17 @@ def test_resized_crops_and_flips_replay_a_batch_exactly_as_view_by_view(crop):
     assert plan is not None and plan.resized is not None
     samples = np.repeat(np.arange(6), 5)
     views = np.tile(np.arange(5), 6)
-    got = plan.apply(images[samples], plan.draw(7, samples, views, images.shape[1:]))
+    params = plan.draw(7, samples, views, images.shape[1:])
     expected = torch.stack([replay_view(images[i], transform, 7, int(i), int(v)) for i, v in zip(samples, views)])
-    assert torch.equal(got, expected)
+    assert torch.equal(plan.apply(images[samples], params), expected)  # one image per view
+    assert torch.equal(plan.apply(images, params, samples), expected)  # the distinct images and which view takes which
 
 
-def test_a_resized_crop_that_is_not_first_replays_view_by_view():
-    transform = input_transform(build_augment([{"RandomHorizontalFlip": {}}, {"RandomResizedCrop": {"size": 8}}]),
-                                (0.0,), (1.0,))
-    assert BatchReplay.of(transform) is None
+@pytest.mark.parametrize("augment", [[{"RandomHorizontalFlip": {}}, {"RandomResizedCrop": {"size": 8}}],
+                                     [{"RandomResizedCrop": {"size": 8}}, {"RandomCrop": {"size": 6}}]])
+def test_other_orders_replay_view_by_view(augment):
+    """Batched: a RandomResizedCrop first and flips after it; anything else goes view by view (still exact)."""
+    assert BatchReplay.of(input_transform(build_augment(augment), (0.0,), (1.0,))) is None
 
 
 def counting_decodes(monkeypatch, path):

@@ -29,7 +29,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]  # safe_load 
 NEVER_CHANGE_RESULTS = {"device", "num_workers", "memory_mb", "search.processes"}
 # Keys read by a stage's code but rightly not declared, with the reason.
 READ_NOT_DECLARED = {
-    "cache": {"cache.batch_size": "only batches the teacher's eval-mode forward pass; the logits do not depend on it"},
+    "cache": {"cache.batch_size": "only batches the teacher's eval-mode forward pass; the logits do not depend on it",
+              "cache.compile": "runs the same forward compiled; the logits agree within float32 rounding (measured)"},
     # kd search passes `distill` on whole, but sets T and λ per trial, trains search.epochs epochs and always reads
     # the store: re-running the search when distill's T, λ or epochs change (e.g. after --write-params) is waste.
     "search": {"distill.temperature": "set per trial from the search's draws",
