@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pipeline import distributed
+from pipeline.writer import fsync_path
 
 
 def run_key(*parts) -> str:
@@ -76,7 +77,7 @@ class Resume:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)  # the rename
 
     def clear(self) -> None:
         """Delete the checkpoint (the run's output is written)."""
@@ -105,14 +106,3 @@ def restore(state: dict, model: torch.nn.Module, optimizer, schedule) -> tuple[i
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["epoch"]), list(state["history"])
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -105,7 +105,7 @@ class StoreWriter:
             f.create_dataset("labels", data=labels)
             self._done = f.create_dataset("chunks_done", shape=(meta.num_chunks,), dtype=bool, fillvalue=False)
             self._sync([])
-            _fsync(self.tmp.parent)
+            fsync_path(self.tmp.parent)
 
     def _exists(self, where) -> bool:
         if not self.url:
@@ -221,13 +221,13 @@ class StoreWriter:
             return
         folders = set()
         for file in files:
-            _fsync(file)
+            fsync_path(file)
             folder = file.parent
             while folder != self._local:
                 folders.add(folder)
                 folder = folder.parent
         for folder in sorted(folders, key=lambda p: -len(p.parts)):  # deepest first
-            _fsync(folder)
+            fsync_path(folder)
 
     def finish(self) -> None:
         """Mark complete (every chunk must be done) and rename into place, replacing `path` atomically enough:
@@ -240,8 +240,8 @@ class StoreWriter:
         if self.fmt == "zarr":
             open_zarr(self.tmp, mode="r+").attrs["complete"] = True
             if self._local is not None:  # zarr.json is replaced by a rename: the file and its folder
-                _fsync(self._local / "zarr.json")
-                _fsync(self._local)
+                fsync_path(self._local / "zarr.json")
+                fsync_path(self._local)
         else:
             self._file.attrs["complete"] = True
             self._sync([])
@@ -253,7 +253,7 @@ class StoreWriter:
         if self.path.exists():
             self.path.rename(old)
         self.tmp.rename(self.path)
-        _fsync(self.path.parent)  # the renames
+        fsync_path(self.path.parent)  # the renames
         _remove(old)
 
     def close(self) -> None:
@@ -314,7 +314,7 @@ def store_lock(path: str | Path):
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file or folder (a chunk zarr did not write, being all fill values, is skipped)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -330,9 +330,9 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under `root`, `root` itself and its parent folder."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync(Path(folder) / name)
-        _fsync(Path(folder))
-    _fsync(root.parent)
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+    fsync_path(root.parent)
 
 
 def _remove(path: Path) -> None:
