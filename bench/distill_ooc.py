@@ -83,7 +83,7 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
 
     from pipeline.data import Split, input_transform
     from pipeline.models import build_model
-    from pipeline.params import DistillParams, OptimParams
+    from pipeline.params import DistillParams, EnsembleParams, OptimParams
     from pipeline.store import LogitStore
     from pipeline.train import distill, store_targets
     from pipeline.loaders import PREFETCH
@@ -116,7 +116,8 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
     optim = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=1e-4,
                         schedule="step", lr_milestones=[], lr_factors=[])
     cfg = DistillParams(student=student_arch, student_options={}, teacher_source="cache", temperature=4.0,
-                        kd_weight=kd, ce_weight=1.0, view_schedule="random", shuffle_chunks=window, topk_tail="none", epochs=1,
+                        kd_weight=kd, ce_weight=1.0, view_schedule="random", shuffle_chunks=window, topk_tail="none",
+                        ensemble=EnsembleParams(weights=None, rule="probabilities"), epochs=1,
                         batch_size=batch, optimizer=optim)
     student = build_model(student_arch, shape[0], classes, image_size=shape[-1], seed=0)
     transform = input_transform(None, (0.5,) * shape[0], (0.25,) * shape[0])

@@ -19,6 +19,7 @@ from pipeline.data import Split, fingerprint, input_transform
 from pipeline.loaders import make_loader
 from pipeline.models import weights_fingerprint
 from pipeline.params import CacheParams
+from pipeline.mix import as_spec
 from pipeline.replay import EpochSampler, ReplayDataset, build_augment, replay_device
 from pipeline.store import StoreMeta
 from pipeline.writer import StoreWriter
@@ -74,7 +75,8 @@ def teacher_logit_chunks(teacher: nn.Module, images, transform, meta: StoreMeta,
     replay and forward share the cores without contending; not with `teacher_in_workers` False, e.g. a compiled
     teacher); elsewhere the workers replay and the teacher runs here, a batch ahead of the copy back.
     """
-    dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed)
+    dataset = ReplayDataset(images, torch.zeros(len(images), dtype=torch.long), transform, meta.seed, mix=meta.mix,
+                            num_classes=meta.num_classes)
     views = meta.num_views
     on_workers = device.type == "cpu" and num_workers > 0 and teacher_in_workers
 
@@ -142,8 +144,8 @@ def _one_batch_ahead(loader, teacher: nn.Module, device: torch.device, amp: str)
 
 
 def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split, num_classes: int,
-                   augment: list, mean, std, device: torch.device) -> StoreMeta:
-    """The metadata of the store this teacher, data and `cache` params make on `device`."""
+                   augment: list, mean, std, device: torch.device, mix=None) -> StoreMeta:
+    """The metadata of the store this teacher, data, `cache` and `mix` params make on `device`."""
     if cfg.storage == "topk" and cfg.top_k >= num_classes:
         raise KDError(f"cache.top_k is {cfg.top_k} but the data has {num_classes} classes; top-K storage needs "
                       f"top_k < {num_classes} (or cache.storage: full)")
@@ -152,15 +154,17 @@ def expected_store(cfg: CacheParams, teacher: nn.Module, teacher_arch: str, trai
                      top_k=cfg.top_k if cfg.storage == "topk" else 0, chunk_samples=cfg.chunk_samples,
                      amp=resolve_amp(cfg.amp, device), teacher_arch=teacher_arch,
                      replay=replay_device(train.images, input_transform(build_augment(augment), mean, std), device),
-                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train))
+                     teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(train),
+                     mix=as_spec(mix))
 
 
 def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arch: str, train: Split,
                          num_classes: int, augment: list, mean, std, device: torch.device,
-                         num_workers: int = 0) -> tuple[StoreMeta, int]:
+                         num_workers: int = 0, mix=None) -> tuple[StoreMeta, int]:
     """Run `teacher` over `cfg.num_views` replayed views of every sample of `train`; write the store at `path`.
 
-    The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v).
+    The input of view v of sample i is `input_transform(augment, mean, std)` replayed with (cfg.seed, i, v), mixed
+    with a partner's view by `mix` (`pipeline.mix`; None or mode none: unmixed).
     An interrupted run left `<path>.partial`: only its unfinished chunks are computed. Replay (in `num_workers`
     DataLoader workers), the teacher's forward and the store writes (in a background thread) overlap.
     `cfg.compile`: the teacher runs under `torch.compile` (in this process; a one-off compile, and one more for a
@@ -169,7 +173,7 @@ def cache_teacher_logits(path, cfg: CacheParams, teacher: nn.Module, teacher_arc
     into the one store; for HDF5 (one writer per file) rank 0 writes the chunks every rank sends it.
     Returns (meta, number of chunks that were already done).
     """
-    meta = expected_store(cfg, teacher, teacher_arch, train, num_classes, augment, mean, std, device)
+    meta = expected_store(cfg, teacher, teacher_arch, train, num_classes, augment, mean, std, device, mix)
     labels, me, world = train.labels.numpy(), distributed.rank(), distributed.world_size()
     writer, error = None, None
     if me == 0:  # rank 0 creates the partial store, or opens an interrupted one (refusing other parameters)

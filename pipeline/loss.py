@@ -11,7 +11,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     """L = α · CE(softmax(s), y) + λ · T² · KL(softmax(t / T) ‖ softmax(s / T)), each term a batch mean.
 
     student_logits, teacher_logits: (B, C) raw logits (before temperature); teacher_logits may be
-    float16 and carry no gradient. labels: (B,) int64. T = `temperature` > 0, λ = `kd_weight` >= 0.
+    float16 and carry no gradient. labels: (B,) int64, or (B, C) float class probabilities (mixed views:
+    `pipeline.mix`; CE is then -Σ_c y_c log p_c). T = `temperature` > 0, λ = `kd_weight` >= 0.
     The T² keeps the soft-target gradients on the scale of the hard ones. α = `ce_weight` is 1 in
     Hinton's formula (RepDistiller's recipes use α = 0.1, λ = 0.9). λ = 0 gives plain CE (α ignored).
     """

@@ -123,6 +123,24 @@ def test_metrics(logits: dict[str, np.ndarray], labels: np.ndarray, num_classes:
     return metrics
 
 
+def ensemble_metrics(teacher_logits: list[np.ndarray], student: np.ndarray, baseline: np.ndarray, labels: np.ndarray,
+                     weights: list[float], rule: str, temperature: float) -> dict:
+    """metrics.json's measures of an ensemble of K teachers from their logits (N, C) each (in --teacher order): each
+    teacher's accuracy (`teacher_acc_<k>`, k from 0), the ensemble's (`ensemble_acc`, `ensemble_errors`: the argmax
+    of `pipeline.ensemble.combine`'s target, the logits mixed as the distilled student's targets were, by `rule`
+    with `weights` (normalised) at `temperature`), and the top-1 agreement of the distilled student with the
+    ensemble and with each teacher, and of the baseline with the ensemble."""
+    from pipeline.ensemble import combine
+
+    ensemble = combine([torch.from_numpy(t) for t in teacher_logits], weights, rule, temperature).numpy()
+    metrics = {f"teacher_acc_{k}": accuracy(t, labels) for k, t in enumerate(teacher_logits)}
+    metrics.update(ensemble_acc=accuracy(ensemble, labels), ensemble_errors=int(np.sum(ensemble.argmax(1) != labels)),
+                   student_agreement_ensemble=agreement(student, ensemble),
+                   baseline_agreement_ensemble=agreement(baseline, ensemble))
+    metrics.update({f"student_agreement_teacher_{k}": agreement(student, t) for k, t in enumerate(teacher_logits)})
+    return metrics
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of weights (every parameter tensor's elements; buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in model.parameters())

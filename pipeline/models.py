@@ -2,9 +2,9 @@
 
 Every model maps images (N, C, H, W) to raw logits (N, num_classes). `ARCHITECTURES` maps each of our
 names to a constructor `(in_channels, num_classes, **options)`; any torchvision classification model
-name is accepted too. A checkpoint is a plain dict `{"arch", "options", "image_size", "in_channels",
-"num_classes", "state_dict"}`, loadable with `weights_only=True`, so a model can be rebuilt from the file alone.
-"""
+name is accepted too, and any timm model as `timm:<name>` (timm is an optional extra). A checkpoint is a plain
+dict `{"arch", "options", "image_size", "in_channels", "num_classes", "state_dict"}`, loadable with
+`weights_only=True`, so a model can be rebuilt from the file alone (`pipeline.checkpoints` reads users' weights)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,14 +72,51 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+STEMS = ("auto", "small", "torchvision")
+
+
 def torchvision_model(name: str, in_channels: int, num_classes: int, image_size: int | None = None,
-                      **options) -> nn.Module:
+                      stem: str = "auto", **options) -> nn.Module:
     """`torchvision.models.get_model(name, weights=None, num_classes=..., **options)`: freshly initialised,
-    never downloaded, with its stem fitted to the input by `_adapt_stem`."""
+    never downloaded, with its stem fitted to the input by `_adapt_stem`. `stem`: `auto` makes it the small-image
+    stem when `image_size` is None or <= 64, `small` always, `torchvision` never (torchvision's own geometry, as
+    in a model saved from torchvision; only the input channels are fitted)."""
     import torchvision
 
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
-    return _adapt_stem(model, in_channels, small=image_size is None or image_size <= 64)
+    small = stem == "small" or (stem == "auto" and (image_size is None or image_size <= 64))
+    return _adapt_stem(model, in_channels, small=small)
+
+
+TIMM_PREFIX = "timm:"
+# create_model arguments the pipeline sets, or that would fetch or read weights: never options.
+_TIMM_RESERVED = ("in_chans", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                  "cache_dir")
+
+
+def import_timm():
+    """The timm module, or a KDError saying how to install it."""
+    try:
+        import timm
+    except ImportError:
+        raise KDError("timm is not installed; timm models (`timm:<name>`) need it: pip install -e '.[timm]' in "
+                      "this project (make install does), or pip install timm") from None
+    return timm
+
+
+def timm_model(name: str, in_channels: int, num_classes: int, **options) -> nn.Module:
+    """`timm.create_model(name, pretrained=False, num_classes=..., in_chans=..., **options)`: freshly initialised,
+    never downloaded. Options are timm's (e.g. `img_size` for a ViT, `drop_rate`)."""
+    return import_timm().create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                      **options)
+
+
+def is_torchvision(arch: str) -> bool:
+    """True when `arch` is built by `torchvision_model` (resnet18 or any other torchvision name)."""
+    constructor = _constructor(arch)
+    return isinstance(constructor, functools.partial) and constructor.func is torchvision_model
 
 
 def _adapt_stem(model: nn.Module, in_channels: int, small: bool) -> nn.Module:
@@ -117,9 +155,13 @@ def _torchvision_names() -> frozenset[str]:
 
 
 def _constructor(arch: str):
-    """ARCHITECTURES[arch], or the torchvision path for a torchvision classification name, or None."""
+    """ARCHITECTURES[arch], or the timm path for `timm:<name>` (KDError when timm is not installed), or the
+    torchvision path for a torchvision classification name, or None."""
     if arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX):]
+        return functools.partial(timm_model, name) if import_timm().is_model(name) else None
     return functools.partial(torchvision_model, arch) if arch in _torchvision_names() else None
 
 
@@ -133,19 +175,29 @@ def _option_names(constructor) -> list[str] | None:
 
 def arch_error(arch: str, options: dict | None) -> str | None:
     """None when `arch` names an architecture that takes these option keys, else why not. Builds nothing:
-    for torchvision names only the name is checked (torchvision itself judges their options)."""
+    for torchvision and timm names only the name is checked (torchvision and timm judge their options)."""
     options = {} if options is None else options
     if not isinstance(options, dict):
         return f"options for architecture {arch!r} must be a mapping of option name to value, got {options!r}"
-    constructor = _constructor(arch)
+    try:
+        constructor = _constructor(arch)
+    except KDError as e:  # timm:<name> without timm installed
+        return f"architecture {arch!r}: {e}"
+    if constructor is None and arch.startswith(TIMM_PREFIX):
+        return (f"unknown timm model {arch[len(TIMM_PREFIX):]!r} (architecture {arch!r}); "
+                "timm.list_models() lists the names")
     if constructor is None:
         return (f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}, "
-                "or any torchvision classification model name (torchvision.models.list_models())")
+                "any torchvision classification model name (torchvision.models.list_models()), "
+                "or timm:<name> for a timm model")
     allowed = _option_names(constructor)
-    unknown = sorted(key for key in options if key in _RESERVED or (allowed is not None and key not in allowed))
+    reserved = _RESERVED + (_TIMM_RESERVED if arch.startswith(TIMM_PREFIX) else ())
+    unknown = sorted(key for key in options if key in reserved or (allowed is not None and key not in allowed))
     if not unknown:
         return None
-    described = "those torchvision accepts" if allowed is None else ", ".join(allowed) or "none"
+    library = "timm" if arch.startswith(TIMM_PREFIX) else "torchvision"
+    described = (f"those {library} accepts, but {', '.join(reserved)}" if allowed is None
+                 else ", ".join(allowed) or "none")
     return f"architecture {arch!r} has no option {', '.join(map(repr, unknown))}; its options are: {described}"
 
 
@@ -171,7 +223,7 @@ def build_model(arch: str, in_channels: int, num_classes: int, options: dict | N
             torch.manual_seed(seed)
         try:
             return constructor(in_channels, num_classes, **kwargs)
-        except (TypeError, ValueError) as e:  # a bad option value, or an option torchvision rejects
+        except (TypeError, ValueError, AssertionError) as e:  # a bad option value, or one torchvision/timm rejects
             raise KDError(f"architecture {arch!r} cannot be built with options {options or {}}: {e}") from None
 
 
@@ -188,21 +240,47 @@ def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: 
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model saved at `path`, in eval mode on CPU; return (model, checkpoint dict).
-    Checkpoints from before options and image sizes were recorded load as options {} and image_size None."""
+CHECKPOINT_KEYS = ("arch", "in_channels", "num_classes", "state_dict")
+
+
+def read_torch_file(path: str | Path):
+    """`torch.load(path, weights_only=True)` on CPU: tensors and plain containers only, never running code. A file
+    that is missing, unreadable, or needs pickled Python objects (a saved nn.Module, argparse.Namespace, ...) is a
+    KDError naming it."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt or foreign file
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if needs:
+            raise KDError(f"{path}: refused: loading it would run Python code (it pickles {needs[1]}); only tensors "
+                          "and plain containers are read (torch.load weights_only=True). Re-save just the weights, "
+                          "where you trust the file: torch.save(model.state_dict(), 'teacher.pt'), or "
+                          "safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')") from None
         raise KDError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    expected = {"arch", "in_channels", "num_classes", "state_dict"}
-    if not isinstance(ckpt, dict) or not expected <= set(ckpt):
+
+
+def is_checkpoint(obj) -> bool:
+    """True when `obj` is this project's checkpoint dict (holds every key of CHECKPOINT_KEYS)."""
+    return isinstance(obj, dict) and set(CHECKPOINT_KEYS) <= set(obj)
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model saved at `path`, in eval mode on CPU; return (model, checkpoint dict).
+    Checkpoints from before options and image sizes were recorded load as options {} and image_size None."""
+    ckpt = read_torch_file(path)
+    if not is_checkpoint(ckpt):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise KDError(f"{path}: checkpoint must be a dict with keys {sorted(expected)}, found {found}; "
+        raise KDError(f"{path}: checkpoint must be a dict with keys {sorted(CHECKPOINT_KEYS)}, found {found}; "
                       "save it as {'arch': ..., 'in_channels': ..., 'num_classes': ..., 'state_dict': model.state_dict()}")
+    return checkpoint_model(ckpt, path), ckpt
+
+
+def checkpoint_model(ckpt: dict, path: str | Path) -> nn.Module:
+    """The model a checkpoint dict (`is_checkpoint`) describes, with its weights, in eval mode on CPU; errors name
+    `path`."""
     try:
         model = build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"], ckpt.get("options") or {},
                             ckpt.get("image_size"))
@@ -212,7 +290,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise KDError(f"{path}: state_dict does not fit architecture {ckpt['arch']!r}: {e}") from None
-    return model.eval(), ckpt
+    return model.eval()
 
 
 def check_input_shape(model: nn.Module, ckpt: dict, path: str | Path, image_shape: tuple[int, int, int]) -> None:

@@ -51,6 +51,15 @@ class OptimParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixParams:
+    mode: str
+    mixup_alpha: float
+    cutmix_alpha: float
+    prob: float
+    switch_prob: float
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherParams:
     checkpoint: Optional[str]
     arch: str
@@ -76,6 +85,12 @@ class CacheParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsembleParams:
+    weights: Optional[list[float]]
+    rule: str
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillParams:
     student: str
     student_options: dict
@@ -86,6 +101,7 @@ class DistillParams:
     view_schedule: str
     shuffle_chunks: int
     topk_tail: str
+    ensemble: EnsembleParams
     epochs: int
     batch_size: int
     optimizer: OptimParams
@@ -116,6 +132,7 @@ class Params:
     memory_mb: int
     data: DataParams
     augment: list[dict]
+    mix: MixParams
     teacher: TeacherParams
     cache: CacheParams
     distill: DistillParams
@@ -184,7 +201,15 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("distill.temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("distill.kd_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("distill.ce_weight", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    ("distill.view_schedule", lambda v: v in ("cycle", "random"), "cycle or random"),
+    ("distill.view_schedule", lambda v: v in ("cycle", "random", "fresh"), "cycle, random or fresh"),
+    ("distill.ensemble.rule", lambda v: v in ("probabilities", "logits"), "probabilities or logits"),
+    ("distill.ensemble.weights", lambda v: v is None or (all(_finite(w) and w >= 0 for w in v) and sum(v) > 0),
+     "null (equal weights) or one finite weight >= 0 per teacher, not all 0"),
+    ("mix.mode", lambda v: v in ("none", "mixup", "cutmix", "both"), "none, mixup, cutmix or both"),
+    ("mix.mixup_alpha", lambda v: _finite(v) and v > 0, "a finite number > 0 (1: lambda uniform on [0, 1])"),
+    ("mix.cutmix_alpha", lambda v: _finite(v) and v > 0, "a finite number > 0 (1: lambda uniform on [0, 1])"),
+    ("mix.prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("mix.switch_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ("distill.shuffle_chunks", lambda v: v >= 0, "an integer >= 0 (0: full shuffle)"),
     ("distill.topk_tail", lambda v: v in ("none", "summary"), "none or summary"),
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
@@ -246,6 +271,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if INVALID not in (trials, refine) and trials == 0 and refine > 0:
         problems.append(f"search.refine_trials is {refine} but search.trials is 0; the refinement round draws around "
                         "the first round's best: set search.trials >= 1, or search.refine_trials: 0")
+    schedule, source = _get(params, "distill.view_schedule"), _get(params, "distill.teacher_source")
+    if schedule == "fresh" and source not in ("online", INVALID):
+        problems.append(f"distill.view_schedule is fresh (a new view every epoch) but distill.teacher_source is "
+                        f"{source}: a store holds only cache.num_views views; set distill.teacher_source: online, or "
+                        "view_schedule: cycle")
     for key, options_key in (("teacher.arch", "teacher.arch_options"), ("distill.student", "distill.student_options")):
         arch, options = _get(params, key), _get(params, options_key)
         error = None if INVALID in (arch, options) else arch_error(arch, options)

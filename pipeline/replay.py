@@ -286,56 +286,103 @@ class ReplayDataset(torch.utils.data.Dataset):
     training device (`batched`; the same tensors either way).
     """
 
-    def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None, batched: bool = True):
+    def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None, batched: bool = True,
+                 mix=None, num_classes: int = 0):
+        from pipeline import mix as mixing
+
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self.targets = targets  # optional: an object with read(samples, views) -> (B, C) teacher logits
         self.batched = BatchReplay.of(transform) if batched and one_size(images) else None
+        self.mix, self.num_classes, self.view_size = (mixing.as_spec(mix) if mixing.enabled(mix) else None), \
+            num_classes, None
         if len(images):  # every stage's replay starts here: refuse a transform the images do not fit, before any work
             from pipeline.data import check_augment
 
             check_augment(transform, images[0])
+            if self.mix is not None:
+                self.view_size = tuple(replay_view(images[0], transform, seed, 0, 0).shape[-2:])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, pair: tuple[int, int]):
         index, view = int(pair[0]), int(pair[1])
+        if self.mix is not None:
+            return self.__getitems__([pair])[0]
         x = replay_view(self.images[index], self.transform, self.seed, index, view)
         return x, self.labels[index], index, view
 
     def __getitems__(self, pairs):
         """A batch's items, each distinct sample read once; with `targets`, each also carries its teacher logits,
         read for the batch at once (so in DataLoader workers the store's reads run beside the training step). With
-        `batched`: one tuple (distinct uint8 images, the image of each view, BatchReplay params, labels, samples,
-        views[, logits]) for `collate`, all but the images as numpy arrays: from a worker they then travel pickled,
-        where each tensor costs a round trip to the worker for its shared-memory handle (measured on a GPU host,
-        that round trip bounded the loader)."""
+        `batched`: one tuple (distinct uint8 images, the image of each view, BatchReplay params, mixes, labels,
+        samples, views[, logits]) for `collate`, all but the images as numpy arrays: from a worker they then travel
+        pickled, where each tensor costs a round trip to the worker for its shared-memory handle (measured on a GPU
+        host, that round trip bounded the loader). With `mix`: each view mixed with its partner's view
+        (`pipeline.mix`; the partners' views replayed beside the batch's), and labels (B, num_classes) float32,
+        the mixed one-hot labels."""
+        from pipeline import mix as mixing
+
         samples = np.fromiter((p[0] for p in pairs), np.int64, len(pairs))
         views = np.fromiter((p[1] for p in pairs), np.int64, len(pairs))
         logits = self.targets.read(samples, views) if self.targets is not None else None
-        distinct, which = np.unique(samples, return_inverse=True)
+        mixes, labels = None, self.labels.numpy()[samples]
+        replayed_samples, replayed_views = samples, views
+        if self.mix is not None:
+            mixes = mixing.draws(self.mix, self.seed, samples, views, len(self.labels), *self.view_size)
+            partners = np.array([d.partner for d in mixes if d.kind != "none"], np.int64)
+            replayed_samples = np.concatenate([samples, partners])
+            replayed_views = np.concatenate([views, views[[d.kind != "none" for d in mixes]]])
+            labels = mixing.soft_labels(labels, mixes, self.labels.numpy()[partners], self.num_classes)
+        distinct, which = np.unique(replayed_samples, return_inverse=True)
         if self.batched is not None:
             if isinstance(self.images, torch.Tensor):
                 images = self.images[torch.from_numpy(distinct)]
             else:
                 images = torch.stack([self.images[int(i)] for i in distinct])
-            batch = (images, which, self.batched.draw(self.seed, samples, views, images.shape[1:]),
-                     self.labels.numpy()[samples], samples, views)
+            params = self.batched.draw(self.seed, replayed_samples, replayed_views, images.shape[1:])
+            batch = (images, which, params, mixes, labels, samples, views)
             return batch if logits is None else (*batch, logits)
         read = [self.images[int(i)] for i in distinct]
-        items = [(replay_view(read[k], self.transform, self.seed, int(i), int(v)), self.labels[i], int(i), int(v))
-                 for k, i, v in zip(which, samples, views)]
+        x = [replay_view(read[k], self.transform, self.seed, int(i), int(v))
+             for k, i, v in zip(which, replayed_samples, replayed_views)]
+        if mixes is not None:
+            x = self._mixed(x[:len(samples)], x[len(samples):], mixes)
+        rows = torch.from_numpy(labels) if mixes is not None else self.labels[torch.from_numpy(samples)]
+        items = [(x[k], rows[k], int(i), int(v)) for k, (i, v) in enumerate(zip(samples, views))]
         if logits is None:
             return items
         return [(*item, row) for item, row in zip(items, torch.from_numpy(logits))]
 
+    def _mixed(self, own: list, partners: list, mixes) -> list:
+        """Views mixed one by one (`pipeline.mix.mix_pixels`), each checked to have the one size mixing needs."""
+        from pipeline import KDError
+        from pipeline.mix import mix_pixels
+
+        partners = iter(partners)
+        out = []
+        for x, d in zip(own, mixes):
+            partner = next(partners) if d.kind != "none" else None
+            for view in (x, partner):
+                if view is not None and tuple(view.shape[-2:]) != self.view_size:
+                    raise KDError(f"mix.mode {self.mix['mode']} mixes two views, so every view needs one size, but "
+                                  f"views are {self.view_size} and {tuple(view.shape[-2:])}: set data.image_size, "
+                                  "or end augment with a crop of one size (RandomCrop, RandomResizedCrop)")
+            out.append(mix_pixels(x, partner, d) if partner is not None else x)
+        return out
+
     def collate(self, items, device: torch.device = torch.device("cpu")):
         """A `__getitems__` result as the batch `(x, y, samples, views[, logits])` of tensors, x on `device`
-        (replayed there by `BatchReplay.apply` where `batched`)."""
+        (replayed there by `BatchReplay.apply` where `batched`, then mixed there by `pipeline.mix.mix_batch`)."""
         if self.batched is None:
             return torch.utils.data.default_collate(items)
-        images, which, params, *rest = items
-        return (self.batched.apply(images.to(device, non_blocking=True), params, which), *map(torch.from_numpy, rest))
+        from pipeline.mix import mix_batch
+
+        images, which, params, mixes, labels, samples, *rest = items
+        x = self.batched.apply(images.to(device, non_blocking=True), params, which)
+        if mixes is not None:
+            x = mix_batch(x[:len(samples)], x[len(samples):], mixes).contiguous()
+        return (x, *map(torch.from_numpy, (labels, samples, *rest)))
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -353,12 +400,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def epoch_views(schedule: str, num_views: int, num_samples: int, epoch: int, seed: int) -> np.ndarray:
-    """The view each sample sees in `epoch`: `cycle` -> epoch mod V for all; `random` -> seeded uniform draw."""
+    """The view each sample sees in `epoch`: `cycle` -> epoch mod V for all; `random` -> seeded uniform draw;
+    `fresh` -> view `epoch` for all, a view never seen before in every epoch (the teacher run live: `num_views` is
+    not a bound, as no store holds them)."""
+    if schedule == "fresh":
+        return np.full(num_samples, epoch, dtype=np.int64)
     if schedule == "cycle":
         return np.full(num_samples, epoch % num_views, dtype=np.int64)
     if schedule == "random":
         return np.random.default_rng([seed, epoch, 1]).integers(num_views, size=num_samples)
-    raise KDError(f"unknown view schedule {schedule!r}; expected cycle or random")
+    raise KDError(f"unknown view schedule {schedule!r}; expected cycle, random or fresh")
 
 
 def epoch_pairs(schedule: str, num_views: int, num_samples: int, epoch: int, seed: int,

@@ -179,6 +179,28 @@ def summary_section(metrics: dict) -> Section:
     ])
 
 
+def ensemble_section(metrics: dict) -> Section:
+    """Each teacher of an ensemble, the ensemble (its teachers' test logits mixed as the student's targets were,
+    argmax) and the distilled student's top-1 agreement with each (`metrics["ensemble"]` and the keys of
+    `pipeline.metrics.ensemble_metrics`)."""
+    ensemble = metrics["ensemble"]
+    rows = [[f"teacher {k}", f"`{path}`", f"`{arch}`", f"{weight:.3g}", percent(metrics[f"teacher_acc_{k}"]),
+             percent(metrics[f"student_agreement_teacher_{k}"])]
+            for k, (path, arch, weight) in enumerate(zip(ensemble["teachers"], ensemble["archs"], ensemble["weights"]))]
+    rows.append(["**ensemble**", "", f"rule `{ensemble['rule']}`, T = {ensemble['temperature']:g}", "1",
+                 percent(metrics["ensemble_acc"]), percent(metrics["student_agreement_ensemble"])])
+    return Section("Ensemble of teachers", [
+        f"The distilled student learned from {len(ensemble['teachers'])} teachers, their logits mixed by rule "
+        f"`{ensemble['rule']}` with the weights below at T = {ensemble['temperature']:g} (README, \"Ensembles\"). "
+        "The ensemble's test accuracy is the argmax of that same mix of the teachers' test logits. Elsewhere in this "
+        f"report, \"Teacher\" is teacher 0 (`{ensemble['teachers'][0]}`).",
+        Table(["model", "checkpoint", "architecture", "weight", "test accuracy", "distilled student's top-1 agreement"],
+              rows),
+        f"Top-1 agreement with the ensemble: distilled student **{percent(metrics['student_agreement_ensemble'])}**, "
+        f"student alone **{percent(metrics['baseline_agreement_ensemble'])}**.",
+    ])
+
+
 def curves_section(figures: dict, teacher_curves: list[str]) -> Section:
     """The students' curves overlaid, and the teacher's when it logged any."""
     blocks = [Figure(figures["training"], "Distilled student and student alone (baseline), per epoch: training "
@@ -267,8 +289,10 @@ def settings_section(settings: dict) -> Section:
 def report_sections(metrics: dict, settings: dict, classes: list[str], confusion: np.ndarray, figures: dict,
                     teacher_curves: list[str], search_csv: str | None = None) -> list[Section]:
     """Every section of the report, in reading order. `figures` maps training, teacher, confusion, per_class,
-    reliability and search to PNG paths (teacher and search None when absent)."""
-    return [summary_section(metrics), curves_section(figures, teacher_curves),
+    reliability and search to PNG paths (teacher and search None when absent). With several teachers
+    (`metrics["ensemble"]`), the ensemble's section follows the summary."""
+    ensemble = [ensemble_section(metrics)] if metrics.get("ensemble") else []
+    return [summary_section(metrics), *ensemble, curves_section(figures, teacher_curves),
             errors_section(metrics, classes, confusion, figures), calibration_section(metrics, figures),
             search_section(metrics["search"], figures.get("search"), search_csv), cache_section(metrics["cache"]),
             settings_section(settings)]

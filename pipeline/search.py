@@ -1,4 +1,5 @@
-"""Search the distillation temperature T and weight λ on the validation split, from one logit store.
+"""Search the distillation temperature T and weight λ on the validation split, from one logit store (or several:
+an ensemble of teachers, one store each, mixed by `distill.ensemble` as `kd distill` mixes them).
 
 Two rounds of seeded log-uniform draws, as in the origin's report: `search.trials` from the ranges
 `search.temperature` x `search.kd_weight`, then `search.refine_trials` within `refine_span` of the first round's
@@ -6,6 +7,9 @@ best (clipped to the first round's ranges). A trial is `distill` shortened to `s
 from the store at the trial's T, scored by its final-epoch validation accuracy. The search is given the training
 and validation splits only: it cannot read the test split. Results are one CSV row per trial, rewritten atomically
 after every trial, so an interrupted search resumes where it stopped.
+
+Wherever a store is taken, a list of stores is too (holding the same views: `pipeline.ensemble.check_same_views`);
+a trial then reads `Ensemble([store_targets(s, T, tail) for s in stores], weights, rule, T)`.
 """
 
 from __future__ import annotations
@@ -68,37 +72,65 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(sorted(scored, key=lambda r: (r["round"], r["trial"])), key=lambda r: r["val_acc"], default=None)
 
 
+def as_list(stores) -> list:
+    """One store, or a list of them (an ensemble), as a list."""
+    return list(stores) if isinstance(stores, (list, tuple)) else [stores]
+
+
 def config_hash(store_meta, distill: DistillParams, epochs: int, seed: int, data: DataParams) -> str:
     """Short hash of everything besides T and λ that changes a trial's result: the store's metadata (teacher and
     dataset fingerprints, views, replay seed, ...), the distill params (but T, λ, epochs and teacher_source: trials
-    always read the store), the trials' `epochs`, the training `seed` and the data params (the validation split)."""
+    always read the store), the trials' `epochs`, the training `seed` and the data params (the validation split).
+    `store_meta` may be a list of several stores' metadata (an ensemble): then every store's metadata, in order, and
+    the ensemble's normalised weights and rule go in too (one store's hash is the same as passed alone)."""
+    from pipeline.ensemble import normalized
+
+    metas = as_list(store_meta)
     trial_free = {k: v for k, v in dataclasses.asdict(distill).items()
                   if k not in ("temperature", "kd_weight", "epochs", "teacher_source")}
-    payload = {"store": dataclasses.asdict(store_meta), "distill": trial_free, "epochs": epochs, "seed": seed,
+    payload = {"store": dataclasses.asdict(metas[0]), "distill": trial_free, "epochs": epochs, "seed": seed,
                "data": dataclasses.asdict(data)}
+    if len(metas) > 1:
+        payload["store"] = [dataclasses.asdict(meta) for meta in metas]
+        payload["ensemble"] = {"weights": normalized(distill.ensemble.weights, len(metas)),
+                               "rule": distill.ensemble.rule}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def trial_targets(stores, cfg: DistillParams, temperature: float):
+    """The targets a trial reads at `temperature`: one store's `store_targets`, or several stores' mixed by
+    `cfg.ensemble` (`pipeline.ensemble.Ensemble`)."""
+    from pipeline.ensemble import Ensemble, normalized
+    from pipeline.train import store_targets
+
+    members = [store_targets(store, temperature, cfg.topk_tail) for store in as_list(stores)]
+    if len(members) == 1:
+        return members[0]
+    return Ensemble(members, normalized(cfg.ensemble.weights, len(members)), cfg.ensemble.rule, temperature)
 
 
 def run_trial(store, train, val, cfg: DistillParams, temperature: float, kd_weight: float, *, seed: int,
               device, num_workers: int = 0) -> float:
     """Distill a fresh `cfg.student` (seeded by `seed`) for `cfg.epochs` on the store's views and logits at this T
-    and λ; return its validation accuracy after the last epoch (NaN when the training diverged)."""
+    and λ (`store`: one, or a list of stores holding the same views, mixed by `cfg.ensemble`); return its validation
+    accuracy after the last epoch (NaN when the training diverged)."""
     from pipeline.data import input_transform
     from pipeline.models import build_model
     from pipeline.replay import build_augment
-    from pipeline.train import DivergedError, distill, store_targets
+    from pipeline.train import DivergedError, distill
 
-    meta = store.meta
+    meta = as_list(store)[0].meta  # the stores hold the same views: any one's metadata describes them
     run = dataclasses.replace(cfg, temperature=temperature, kd_weight=kd_weight)
     shape = tuple(train.images[0].shape)
     student = build_model(cfg.student, shape[0], meta.num_classes, cfg.student_options, shape[-1], seed=seed)
     transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
     scores = []
     try:
-        distill(student, train, val, store_targets(store, temperature, cfg.topk_tail), transform,
+        distill(student, train, val, trial_targets(store, cfg, temperature), transform,
                 input_transform(None, meta.mean, meta.std), meta.seed, meta.num_views, run, kd_weight=kd_weight,
                 seed=seed, device=device, num_workers=num_workers, chunk_samples=meta.chunk_samples,
-                log=lambda epoch, metrics: scores.append(metrics["val_acc"]), progress=False)
+                log=lambda epoch, metrics: scores.append(metrics["val_acc"]), progress=False, mix=meta.mix,
+                num_classes=meta.num_classes)
     except DivergedError:
         return float("nan")
     return scores[-1]
@@ -145,18 +177,20 @@ def trial_threads(processes: int) -> int:
     return max(1, min(cores(), torch.get_num_threads()) // processes)
 
 
-_WORKER: dict = {}  # a worker process's store, splits and settings, set once by `_start_worker`
+_WORKER: dict = {}  # a worker process's stores, splits and settings, set once by `_start_worker`
 
 
-def _start_worker(store_path, memory_bytes: int, train, val, cfg: DistillParams, seed: int, device,
+def _start_worker(store_paths: list, memory_bytes: int, train, val, cfg: DistillParams, seed: int, device,
                   num_workers: int, threads: int) -> None:
+    """Open every store by path, each within its share of `memory_bytes`."""
     import torch
 
     from pipeline.store import LogitStore
 
     torch.set_num_threads(threads)
-    _WORKER.update(store=LogitStore(store_path, max_memory_bytes=memory_bytes), train=train, val=val, cfg=cfg,
-                   seed=seed, device=device, num_workers=num_workers)
+    stores = [LogitStore(path, max_memory_bytes=memory_bytes // len(store_paths)) for path in store_paths]
+    _WORKER.update(store=stores[0] if len(stores) == 1 else stores, train=train, val=val, cfg=cfg, seed=seed,
+                   device=device, num_workers=num_workers)
 
 
 def _timed_trial(trial: Trial, store, train, val, cfg: DistillParams, seed: int, device,
@@ -178,8 +212,9 @@ def trial_runner(store, train, val, cfg: DistillParams, *, seed: int, device, pr
     """A function from trials to an iterator of (trial, val_acc, seconds), in the order they finish.
 
     `processes` 1: in this process, with `trial_threads(1)` torch threads (the user's). N > 1: in N spawned worker
-    processes with `trial_threads(N)` threads each, every worker opening the store once (holding it in memory
-    within `memory_bytes`) and given only `train` and `val`.
+    processes with `trial_threads(N)` threads each, every worker opening the store (each of `store`, when a list)
+    once by path (holding them in memory within `memory_bytes`, shared out equally) and given only `train` and
+    `val`.
     """
     import torch
 
@@ -196,8 +231,8 @@ def trial_runner(store, train, val, cfg: DistillParams, *, seed: int, device, pr
 
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker,
-                               initargs=(store.path, memory_bytes, train, val, cfg, seed, device, num_workers,
-                                         trial_threads(processes)))
+                               initargs=([s.path for s in as_list(store)], memory_bytes, train, val, cfg, seed,
+                                         device, num_workers, trial_threads(processes)))
     try:
         yield lambda trials: (f.result() for f in as_completed([pool.submit(_trial_in_worker, t) for t in trials]))
     finally:
@@ -209,7 +244,8 @@ def search(store, train, val, distill_cfg: DistillParams, cfg: SearchParams, *, 
            on_trial: Callable[[dict], None] = lambda row: None, echo: Callable[[str], None] = print) -> list[dict]:
     """Run the two rounds of trials (module docstring) and return one row per trial (columns `COLUMNS`).
 
-    Each trial is `distill_cfg` with its T and λ and `cfg.epochs` epochs, trained with `seed`. Rows of `out` from an
+    `store`: one store, or a list of stores (an ensemble, mixed by `distill_cfg.ensemble`). Each trial is
+    `distill_cfg` with its T and λ and `cfg.epochs` epochs, trained with `seed`. Rows of `out` from an
     earlier run with the same `config` (`config_hash`), round, trial, T and λ are kept, not re-run; `out` is
     rewritten after every finished trial (then `on_trial(row)` is called) and at the end, holding this search's rows.
     """

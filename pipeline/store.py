@@ -7,7 +7,7 @@ Layout (the same names in both formats):
   chunks_done  (num_chunks,)                           bool: chunk k's logits are written and durable
   attributes: format_version, num_samples, num_views, num_classes, augment (JSON text),
               mean, std (input normalization), seed, dtype, chunk_samples, amp, replay, teacher_arch,
-              teacher_fingerprint, dataset_fingerprint, and `complete: true`, written last.
+              teacher_fingerprint, dataset_fingerprint, mix (JSON text), and `complete: true`, written last.
 
 Writing (chunk by chunk, resumable) is `pipeline.writer`; this module owns the layout and the reader.
 
@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import KDError, topk
 
-FORMAT_VERSION = 6  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k;
-# 6: replay
+FORMAT_VERSION = 7  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k;
+# 6: replay; 7: mix (older stores read as mix none: they hold unmixed views)
 FLOAT16_MAX = 65504.0
 
 
@@ -57,21 +57,25 @@ class StoreMeta:
     teacher_fingerprint: str
     dataset_fingerprint: str
     replay: str = "cpu"  # the device whose arithmetic made the views (`pipeline.replay.replay_device`)
+    mix: dict = field(default_factory=lambda: {"mode": "none"})  # MixUp/CutMix of the views (`pipeline.mix`)
     format_version: int = FORMAT_VERSION
 
     def to_attrs(self) -> dict:
         attrs = asdict(self)
         attrs["augment"] = json.dumps(self.augment)
+        attrs["mix"] = json.dumps(self.mix)
         return attrs
 
     @classmethod
     def from_attrs(cls, attrs: dict, path: Path) -> "StoreMeta":
         names = [f for f in cls.__dataclass_fields__]
+        attrs = {"mix": json.dumps({"mode": "none"}), **attrs}  # format < 7: views were never mixed
         missing = [n for n in names if n not in attrs]
         if missing:
             raise StoreError(f"{path}: store metadata lacks {', '.join(missing)}; rebuild it with `kd cache`")
         values = {n: attrs[n] for n in names}
         values["augment"] = json.loads(values["augment"])
+        values["mix"] = json.loads(values["mix"])
         values["mean"] = [float(m) for m in values["mean"]]
         values["std"] = [float(m) for m in values["std"]]
         for n in ("num_samples", "num_views", "num_classes", "seed", "top_k", "chunk_samples", "format_version"):
@@ -153,8 +157,8 @@ class LogitStore:
     def _open(self, attrs: dict, fmt: str, get, max_memory_bytes: int) -> None:
         path, self.format = self.path, fmt
         version = int(attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format_version is {version}, this code reads {FORMAT_VERSION}; "
+        if version not in (6, FORMAT_VERSION):  # 6 differs only in lacking `mix` (its views are unmixed)
+            raise StoreError(f"{path}: store format_version is {version}, this code reads 6 and {FORMAT_VERSION}; "
                              "rebuild it with `kd cache`")
         if not attrs.get("complete", False):
             try:

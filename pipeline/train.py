@@ -1,7 +1,8 @@
 """Training and evaluation loops: teacher training and distillation, their optimisers and end-of-epoch checkpoints.
 
 `distill` takes the teacher's logits through a `targets(x, samples, views)` callable, so the
-same loop runs from the store (`store_targets`) or with the teacher live (`online_targets`).
+same loop runs from the store (`store_targets`) or with the teacher live (`online_targets`), and from several
+teachers at once (`pipeline.ensemble.Ensemble` of either).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class StoreTargets:
     def __init__(self, store: LogitStore, temperature: float = 1.0, worker_budget: int = 0, tail: str = "summary"):
         self.store, self.temperature, self.worker_budget, self.tail = store, temperature, worker_budget, tail
         self._pid = os.getpid()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.store.in_memory
 
     def in_workers(self, num_workers: int) -> "StoreTargets":
         """The same targets for `num_workers` DataLoader workers, each with a 1/num_workers share of the budget."""
@@ -232,12 +237,15 @@ def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torc
 def distill(student: nn.Module, train: Split, val: Split, targets: Targets, transform, eval_transform,
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
             device: torch.device, num_workers: int = 0, chunk_samples: int = 0, prefetch: int = 0,
-            log: EpochLog = lambda e, m: None, progress: bool = True, resume: Resume | None = None) -> nn.Module:
+            log: EpochLog = lambda e, m: None, progress: bool = True, resume: Resume | None = None, mix=None,
+            num_classes: int = 0) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
     `kd_weight` overrides cfg.kd_weight (0 for the student-alone baseline: `targets` is never called).
+    `mix` (`pipeline.mix`, with the data's `num_classes`): each view mixed with a partner's, as the store's views
+    were; the hard-label term then takes the mixed labels, and train_acc counts the mixed label's larger class.
     With cfg.shuffle_chunks N > 0, samples are shuffled within windows of N x `chunk_samples` rows.
     `prefetch` > 0 reads that many batches' targets ahead in a background thread (same values). With
     `num_workers` > 0 and a `StoreTargets` store larger than memory, the workers read the logits with the views
@@ -266,10 +274,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
     start, history = _resumed(resume, student, optimizer, schedule, log)
     # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
-    in_workers = bool(kd_weight and num_workers > 0 and isinstance(targets, StoreTargets)
-                      and not targets.store.in_memory)
+    in_workers = bool(kd_weight and num_workers > 0 and hasattr(targets, "in_workers") and not targets.in_memory)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed,
-                            targets.in_workers(num_workers) if in_workers else None)
+                            targets.in_workers(num_workers) if in_workers else None, mix=mix, num_classes=num_classes)
     window = cfg.shuffle_chunks * chunk_samples
     batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                           cfg.batch_size, me, world)
@@ -293,7 +300,7 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
                     loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
                                                 kd_weight, device, cfg.ce_weight, teacher_logits, scale, real)
                     if real:
-                        y = y.to(device)
+                        y = (y.argmax(1) if y.ndim == 2 else y).to(device)  # a mixed label: its larger class
                         totals += torch.tensor([_finite_loss(loss.item(), epoch, what, cfg.optimizer.lr) * len(y),
                                                 (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
             schedule.step()

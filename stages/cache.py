@@ -46,7 +46,8 @@ def cache(ctx, params_path, device, teacher_path, out):
         cfg = params.cache
         try:
             meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
-                                                 params.augment, data.mean, data.std, device, params.num_workers)
+                                                 params.augment, data.mean, data.std, device, params.num_workers,
+                                                 mix=params.mix)
         finally:
             distributed.close()
     if distributed.rank() != 0:
@@ -75,7 +76,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
     from pipeline import KDError, topk
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import load_checkpoint, weights_fingerprint
-    from pipeline.replay import build_augment, replay_view
+    from pipeline.replay import ReplayDataset, build_augment
     from pipeline.store import LogitStore
     from pipeline.cache import prepare_teacher, teacher_forward
 
@@ -98,8 +99,9 @@ def verify(store_path, params_path, device, teacher_path, samples):
     rows = rng.integers(meta.num_samples, size=samples)
     views = rng.integers(meta.num_views, size=samples)
     transform = input_transform(build_augment(meta.augment), meta.mean, meta.std)
-    x = torch.stack([replay_view(data.train.images[int(i)], transform, meta.seed, int(i), int(v))
-                     for i, v in zip(rows, views)])
+    views_of = ReplayDataset(data.train.images, data.train.labels, transform, meta.seed, batched=False, mix=meta.mix,
+                             num_classes=meta.num_classes)  # view by view, mixed as the store's views were
+    x = torch.stack([views_of[(int(i), int(v))][0] for i, v in zip(rows, views)])
     fresh = teacher_forward(prepare_teacher(teacher, device), x, device, meta.amp).numpy()
     if meta.storage == "topk":  # compare what the store keeps of them: the same top-K classes and tail summary
         fresh = topk.decode("topk", topk.encode("topk", fresh, meta.top_k), 1.0, meta.num_classes)

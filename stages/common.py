@@ -62,14 +62,17 @@ def live_log(live_dir: str | None):
 
 
 def open_run_store(path, memory_mb: int, teacher, data, augment, seed: int, num_views: int, chunk_samples: int,
-                   storage: str | None = None, top_k: int = 0, dtype: str | None = None, amp: str = "auto"):
+                   storage: str | None = None, top_k: int = 0, dtype: str | None = None, amp: str = "auto",
+                   mix=None):
     """The logit store at `path` (read within `memory_mb`), refused with every differing field named (its value
     in the store and in this run) unless its logits belong to the views this run replays: same teacher weights
-    and training data (fingerprints), augmentation, normalisation, replay seed, views, samples, classes and chunk
+    and training data (fingerprints), augmentation, mixing (`mix`), normalisation, replay seed, views, samples,
+    classes and chunk
     rows; and, when given (`params.cache`), the same `storage` (and `top_k` when storage is topk) and `dtype`.
     `amp` is compared only when explicit (off, float16, bfloat16): `auto` resolves on the device that ran the
     teacher (float16 on a GPU), so a store cached on a GPU serves a distill run on the CPU."""
     from pipeline.data import fingerprint
+    from pipeline.mix import as_spec
     from pipeline.models import weights_fingerprint
     from pipeline.store import LogitStore
 
@@ -80,5 +83,6 @@ def open_run_store(path, memory_mb: int, teacher, data, augment, seed: int, num_
     store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),
                     augment=augment, mean=list(data.mean), std=list(data.std), seed=seed, num_views=num_views,
                     num_samples=len(data.train), num_classes=data.num_classes, chunk_samples=chunk_samples,
+                    mix=as_spec(mix),
                     **{key: value for key, value in expected.items() if value is not None})
     return store

@@ -8,68 +8,87 @@ from stages.common import device_option, live_log, open_run_store, params_option
 @click.command()
 @params_option
 @device_option
-@click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
-              help="Teacher checkpoint (checked against the store; run live when teacher_source is online).")
-@click.option("--cache", "cache_path", default=None,
-              help="Logit store written by `kd cache` (required when distill.teacher_source is cache).")
+@click.option("--teacher", "teacher_paths", multiple=True, default=["models/teacher.pt"], show_default=True,
+              help="Teacher checkpoint (checked against its store; run live when teacher_source is online). Repeat "
+                   "with --cache for an ensemble: --cache A --teacher TA --cache B --teacher TB.")
+@click.option("--cache", "cache_paths", multiple=True,
+              help="Logit store written by `kd cache` (required when distill.teacher_source is cache); one per "
+                   "--teacher, in the same order.")
 @click.option("--out", default="models/student.pt", show_default=True, help="Student checkpoint to write.")
 @click.option("--live-dir", default=None, help="dvclive directory for per-epoch metrics.")
 @click.option("--baseline", is_flag=True, help="Train the student alone (kd_weight 0) on the same views.")
 @stage
-def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseline):
+def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, baseline):
     """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes).
 
-    Resumable: after every epoch the run's state goes to OUT.resume; the same command after a kill continues from
-    it (weights bit-identical to an uninterrupted run on the CPU), and it is deleted once OUT is written.
+    Several teachers (an ensemble): one --cache and one --teacher each, mixed by distill.ensemble (README,
+    "Ensembles"). Resumable: after every epoch the run's state goes to OUT.resume; the same command after a kill
+    continues from it (weights bit-identical to an uninterrupted run on the CPU), and it is deleted once OUT is
+    written.
     """
     import dataclasses
 
     from pipeline import KDError, distributed
     from pipeline.data import fingerprint, input_transform, load_dataset
+    from pipeline.ensemble import Ensemble, check_same_views, normalized
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment, replay_device
     from pipeline.resume import resume_at
     from pipeline.train import accuracy, distill as run_distill, online_targets, store_targets
     from pipeline.loaders import PREFETCH
+    from pipeline.mix import as_spec, enabled
 
     params, device = setup(params_path, device)
     device = distributed.init(device)  # under torchrun: DDP, one rank per process (each on its own GPU)
     try:
         cfg = params.distill
         data = load_dataset(params.data)
-        teacher, _ = load_checkpoint(teacher_path)
+        teachers = [load_checkpoint(path)[0] for path in teacher_paths]
+        weights = normalized(cfg.ensemble.weights, len(teachers))
         augment, mean, std = params.augment, data.mean, data.std
         replay_seed, num_views = params.cache.seed, params.cache.num_views
+        stores = []
         if cfg.teacher_source == "cache":
-            if cache_path is None:
+            if not cache_paths:
                 raise KDError("distill.teacher_source is cache but no --cache store was given")
-            store = open_run_store(cache_path, params.memory_mb, teacher, data, augment, replay_seed, num_views,
-                                   params.cache.chunk_samples, storage=params.cache.storage,
-                                   top_k=params.cache.top_k, dtype=params.cache.dtype, amp=params.cache.amp)
-            targets = store_targets(store, cfg.temperature, cfg.topk_tail)
-            teacher_facts = (store.meta.teacher_fingerprint, store.meta.dataset_fingerprint)
-            prefetch = 0 if store.in_memory else PREFETCH
-            if not store.in_memory and distributed.rank() == 0:
-                _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
+            if len(cache_paths) != len(teachers):
+                raise KDError(f"{len(cache_paths)} --cache stores but {len(teachers)} --teacher checkpoints: give "
+                              "each teacher its store, in the same order (--cache A --teacher TA --cache B "
+                              "--teacher TB)")
+            stores = [open_run_store(path, params.memory_mb // len(teachers), teacher, data, augment, replay_seed,
+                                     num_views, params.cache.chunk_samples, storage=params.cache.storage,
+                                     top_k=params.cache.top_k, dtype=params.cache.dtype, amp=params.cache.amp,
+                                     mix=params.mix) for path, teacher in zip(cache_paths, teachers)]
+            check_same_views(stores)
+            members = [store_targets(store, cfg.temperature, cfg.topk_tail) for store in stores]
+            teacher_facts = [(store.meta.teacher_fingerprint, store.meta.dataset_fingerprint) for store in stores]
+            prefetch = 0 if all(store.in_memory for store in stores) else PREFETCH
+            for store in stores:
+                if not store.in_memory and distributed.rank() == 0:
+                    _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
         else:
-            targets, prefetch = online_targets(teacher, device, params.cache.amp), 0
-            teacher_facts = (weights_fingerprint(teacher), fingerprint(data.train))
+            members = [online_targets(teacher, device, params.cache.amp) for teacher in teachers]
+            prefetch = 0
+            teacher_facts = [(weights_fingerprint(teacher), fingerprint(data.train)) for teacher in teachers]
+        targets = members[0] if len(members) == 1 else Ensemble(members, weights, cfg.ensemble.rule, cfg.temperature)
         in_channels, image_size = data.image_shape[0], data.image_shape[-1]
         student = build_model(cfg.student, in_channels, data.num_classes, cfg.student_options, image_size,
                               seed=params.seed)
         transform = input_transform(build_augment(augment), mean, std)
         eval_transform = input_transform(None, mean, std)
         me = distributed.rank()
-        if cfg.teacher_source == "cache" and me == 0 and not baseline:
-            _replay_advice(store, replay_device(data.train.images, transform, device))
+        if stores and me == 0 and not baseline:
+            for store in stores:
+                _replay_advice(store, replay_device(data.train.images, transform, device))
+        facts = teacher_facts[0] if len(teacher_facts) == 1 else teacher_facts
         resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, replay_seed, num_views,
-                           params.cache.chunk_samples, params.cache.amp, dataclasses.asdict(cfg), baseline,
-                           teacher_facts)
+                           params.cache.chunk_samples, params.cache.amp, _run_fields(cfg, len(teachers)), baseline,
+                           facts, *([as_spec(params.mix)] if enabled(params.mix) else []))
         with live_log(live_dir if me == 0 else None) as log:
             run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views,
                         cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
                         num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples,
-                        prefetch=prefetch, log=log, resume=resume)
+                        prefetch=prefetch, log=log, resume=resume, mix=params.mix, num_classes=data.num_classes)
     finally:
         distributed.close()
     if me != 0:  # rank 0 reports and writes
@@ -79,6 +98,17 @@ def distill(params_path, device, teacher_path, cache_path, out, live_dir, baseli
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
     save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)
     resume.clear()
+
+
+def _run_fields(cfg, teachers: int) -> dict:
+    """The distill section as it decides this run: `ensemble` only matters with several teachers (so a
+    one-teacher run's checkpoint key stays what it was)."""
+    import dataclasses
+
+    fields = dataclasses.asdict(cfg)
+    if teachers == 1:
+        fields.pop("ensemble")
+    return fields
 
 
 def _replay_advice(store, replay: str) -> None:

@@ -1,4 +1,5 @@
-"""`kd search`: choose T and λ on the validation split from one logit store (never re-running the teacher)."""
+"""`kd search`: choose T and λ on the validation split from one logit store, or one per teacher of an ensemble
+(never re-running a teacher)."""
 
 import click
 
@@ -8,10 +9,11 @@ from stages.common import device_option, open_run_store, params_option, setup, s
 @click.command()
 @params_option
 @device_option
-@click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
-              help="Teacher checkpoint (the store must be made from it).")
-@click.option("--cache", "cache_path", default="cache/teacher_logits.zarr", show_default=True,
-              help="Logit store written by `kd cache`.")
+@click.option("--teacher", "teacher_paths", multiple=True, default=["models/teacher.pt"], show_default=True,
+              help="Teacher checkpoint (its store must be made from it). Repeat with --cache for an ensemble: "
+                   "--cache A --teacher TA --cache B --teacher TB.")
+@click.option("--cache", "cache_paths", multiple=True, default=["cache/teacher_logits.zarr"], show_default=True,
+              help="Logit store written by `kd cache`; one per --teacher, in the same order.")
 @click.option("--out", default="reports/search.csv", show_default=True,
               help="One row per trial; an interrupted search run again keeps its finished trials.")
 @click.option("--figure", default="reports/search.png", show_default=True,
@@ -21,26 +23,39 @@ from stages.common import device_option, open_run_store, params_option, setup, s
 @click.option("--write-params", is_flag=True,
               help="Write the best T and λ into the params file's distill.temperature / distill.kd_weight.")
 @stage
-def search(params_path, device, teacher_path, cache_path, out, figure, metrics_path, write_params):
-    """Search distill.temperature and distill.kd_weight (params `search`), scored on the validation split."""
+def search(params_path, device, teacher_paths, cache_paths, out, figure, metrics_path, write_params):
+    """Search distill.temperature and distill.kd_weight (params `search`), scored on the validation split.
+
+    Several teachers (an ensemble): one --cache and one --teacher each; every trial mixes their stores by
+    distill.ensemble, as `kd distill` does (README, "Ensembles")."""
     from pipeline import KDError
     from pipeline.data import load_dataset
+    from pipeline.ensemble import check_same_views
     from pipeline.models import load_checkpoint
     from pipeline.report import json_text, write_text
     from pipeline.search import best_summary, config_hash, plot_search, search as run_search, write_best_params
 
     params, device = setup(params_path, device)
+    if params.distill.view_schedule == "fresh":
+        raise KDError("distill.view_schedule is fresh (a new view every epoch, the teacher run live), but kd search "
+                      "trains its trials from the store's cache.num_views views; search with view_schedule cycle or "
+                      "random")
+    if len(cache_paths) != len(teacher_paths):
+        raise KDError(f"{len(cache_paths)} --cache stores but {len(teacher_paths)} --teacher checkpoints: give each "
+                      "teacher its store, in the same order (--cache A --teacher TA --cache B --teacher TB)")
     data = load_dataset(params.data)
-    teacher, _ = load_checkpoint(teacher_path)
+    teachers = [load_checkpoint(path)[0] for path in teacher_paths]
     memory_bytes = params.memory_mb << 20
     cfg = params.search
-    # With worker processes each worker reads the store within memory_mb itself; here only its metadata is read,
-    # so the store is held processes times at most, not once more in this process.
-    store = open_run_store(cache_path, params.memory_mb if cfg.processes == 1 else 0, teacher, data, params.augment,
-                           params.cache.seed, params.cache.num_views, params.cache.chunk_samples,
-                           storage=params.cache.storage, top_k=params.cache.top_k, dtype=params.cache.dtype,
-                           amp=params.cache.amp)
-    config = config_hash(store.meta, params.distill, cfg.epochs, params.seed, params.data)
+    # With worker processes each worker reads the stores within memory_mb itself; here only their metadata is read,
+    # so a store is held processes times at most, not once more in this process. Several stores share memory_mb.
+    stores = [open_run_store(path, params.memory_mb // len(teachers) if cfg.processes == 1 else 0, teacher, data,
+                             params.augment, params.cache.seed, params.cache.num_views, params.cache.chunk_samples,
+                             storage=params.cache.storage, top_k=params.cache.top_k, dtype=params.cache.dtype,
+                             amp=params.cache.amp, mix=params.mix) for path, teacher in zip(cache_paths, teachers)]
+    check_same_views(stores)
+    store = stores[0] if len(stores) == 1 else stores
+    config = config_hash([s.meta for s in stores], params.distill, cfg.epochs, params.seed, params.data)
     # Only the training and validation splits go in: the test split is never read to choose T and λ.
     rows = run_search(store, data.train, data.val, params.distill, cfg, seed=params.seed, config=config, out=out,
                       device=device, memory_bytes=memory_bytes, num_workers=params.num_workers, echo=click.echo)

@@ -1,4 +1,4 @@
-"""`kd teacher`: train the teacher, or validate and copy the user's checkpoint (`teacher.checkpoint`)."""
+"""`kd teacher`: train the teacher, or validate and convert the user's weights (`teacher.checkpoint`)."""
 
 import click
 
@@ -16,13 +16,16 @@ from stages.common import device_option, live_log, params_option, setup, stage
 def teacher(params_path, device, out, live_dir, checkpoint_dir):
     """Train the teacher on the training split (or take teacher.checkpoint) and save it to OUT.
 
+    teacher.checkpoint is this project's checkpoint, or weights (.safetensors, or a .pth/.pt state dict, plain or
+    nested in a training checkpoint) of teacher.arch: a torchvision name, one of ours, or timm:<name>.
+
     Training is resumable: after every epoch its state goes to OUT.resume; the same command after a kill continues
     from it (bit-identical weights on the CPU), and it is deleted once OUT is written."""
     import dataclasses
 
     from pipeline import KDError
     from pipeline.data import fingerprint, input_transform, load_dataset
-    from pipeline.models import build_model, load_checkpoint, save_checkpoint
+    from pipeline.models import build_model, save_checkpoint
     from pipeline.replay import build_augment
     from pipeline.resume import resume_at
     from pipeline.train import accuracy, train_teacher
@@ -41,14 +44,13 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
                           f"and set teacher.checkpoint: {checkpoint_dir}/<file>.pt")
     with live_log(live_dir) as log:
         if cfg.checkpoint:
-            model, ckpt = load_checkpoint(cfg.checkpoint)
-            if (ckpt["in_channels"], ckpt["num_classes"]) != (in_channels, data.num_classes):
-                raise KDError(f"{cfg.checkpoint}: teacher takes {ckpt['in_channels']} channels and "
-                              f"predicts {ckpt['num_classes']} classes; the dataset has {in_channels} and "
-                              f"{data.num_classes}")
+            from pipeline.checkpoints import load_teacher
             from pipeline.data import check_augment
             from pipeline.models import check_input_shape
 
+            model, ckpt, notes = load_teacher(cfg.checkpoint, cfg.arch, cfg.arch_options, data)
+            for note in notes:  # what was stripped or ignored, and warnings: once, here
+                click.echo(note, err=note.startswith("Warning"))
             check_input_shape(model, ckpt, cfg.checkpoint, data.image_shape)
             # the cache replays `augment` next: refuse a misfit here, before that stage writes anything
             check_augment(input_transform(build_augment(params.augment), data.mean, data.std), data.train.images[0])

@@ -78,9 +78,9 @@ def teacher_path(teacher, tmp_path_factory) -> Path:
 
 
 def make_store(path: Path, fmt: str, dtype: str, teacher, split: Split, num_views: int = 3, seed: int = 7,
-               augment=AUGMENT, chunk_samples: int = 32, storage: str = "full", top_k: int = 1) -> Path:
+               augment=AUGMENT, chunk_samples: int = 32, storage: str = "full", top_k: int = 1, mix=None) -> Path:
     """Write a real store of `fmt` by running `teacher` over `split`, with the function `kd cache` calls."""
     cfg = CacheParams(num_views=num_views, seed=seed, format=fmt, dtype=dtype, storage=storage, top_k=top_k,
                       chunk_samples=chunk_samples, batch_size=40, amp="auto")
-    cache_teacher_logits(path, cfg, teacher, "cnn", split, 10, augment, MEAN, STD, device=torch.device("cpu"))
+    cache_teacher_logits(path, cfg, teacher, "cnn", split, 10, augment, MEAN, STD, device=torch.device("cpu"), mix=mix)
     return path

@@ -39,10 +39,10 @@ READ_NOT_DECLARED = {
                "distill.teacher_source": "trials always read the store"},
 }
 # The baseline trains the student alone (kd_weight 0): T, λ and α are unused, and teacher_source, topk_tail (and
-# cache.amp, the online teacher's precision) only shape the never-used targets. Its code reads them; it must not
-# re-run.
+# cache.amp, the online teacher's precision) only shape the never-used targets; the baseline never reads targets, so
+# neither do the ensemble's weights and rule. Its code reads them; it must not re-run.
 BASELINE_EXCLUDED = {"distill.temperature", "distill.kd_weight", "distill.ce_weight", "distill.teacher_source",
-                     "distill.topk_tail", "cache.amp"}
+                     "distill.topk_tail", "cache.amp", "distill.ensemble.rule", "distill.ensemble.weights"}
 # Declared keys the code does not read, with the reason: none today.
 DECLARED_NOT_READ: dict[str, dict[str, str]] = {}
 # Non-code deps found through params rather than the command line: dep -> the param key that locates it.

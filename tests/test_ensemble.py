@@ -1,0 +1,149 @@
+"""Several teachers, one student: one store per teacher, mixed at read time (`pipeline.ensemble`)."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import EVAL, TRANSFORM, make_store, write_params
+from pipeline import KDError
+from pipeline.ensemble import Ensemble, combine, normalized
+from pipeline.models import build_model, save_checkpoint
+from pipeline.params import load_params
+from pipeline.store import LogitStore
+from pipeline.train import distill, online_targets, store_targets
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def second_teacher():
+    """Another teacher: a differently seeded network (its logits differ from the first teacher's everywhere)."""
+    return build_model("tiny_cnn", 1, 10, seed=5).eval()
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _cfg(tmp_path, **overrides):
+    return load_params(write_params(tmp_path / "p.yaml", **{
+        "distill.epochs": 2, "distill.batch_size": 16, "distill.view_schedule": "random",
+        "distill.temperature": 4.0, "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": [],
+        **overrides})).distill
+
+
+def _train(targets, train_subset, dataset, cfg, **kwargs):
+    student = build_model("tiny_cnn", 1, 10, seed=0)
+    distill(student, train_subset, dataset.val, targets, TRANSFORM, EVAL, 7, 3, cfg, kd_weight=1.0, seed=0,
+            device=CPU, chunk_samples=32, **kwargs)
+    return _weights(student)
+
+
+def test_the_rules_are_the_mean_of_the_soft_targets_and_the_mean_logit():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 10) * 3, torch.randn(5, 10) * 3
+    T = 4.0
+    target = combine([a, b], [0.25, 0.75], "probabilities", T)
+    expected = 0.25 * torch.softmax(a / T, 1) + 0.75 * torch.softmax(b / T, 1)
+    torch.testing.assert_close(torch.softmax(target / T, 1), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(combine([a, b], [0.25, 0.75], "logits", T), 0.25 * a + 0.75 * b)
+    assert combine([a], [1.0], "probabilities", T) is a  # one teacher: passed through untouched
+    assert normalized(None, 4) == [0.25] * 4 and normalized([1, 3], 2) == [0.25, 0.75]
+    with pytest.raises(KDError, match="2 entries but 3 teachers"):
+        normalized([1, 1], 3)
+
+
+def test_an_ensemble_of_one_store_is_that_store_and_of_two_identical_stores_the_same_student(
+        teacher, train_subset, dataset, tmp_path):
+    store = LogitStore(make_store(tmp_path / "a.zarr", "zarr", "float32", teacher, train_subset))
+    twin = LogitStore(make_store(tmp_path / "b.zarr", "zarr", "float32", teacher, train_subset))
+    cfg = _cfg(tmp_path)
+    alone = _train(store_targets(store, 4.0), train_subset, dataset, cfg)
+    one = Ensemble([store_targets(store, 4.0)], [1.0], "probabilities", 4.0)
+    assert torch.equal(_train(one, train_subset, dataset, cfg), alone)
+    for rule in ("probabilities", "logits"):
+        two = Ensemble([store_targets(store, 4.0), store_targets(twin, 4.0)], [0.5, 0.5], rule, 4.0)
+        torch.testing.assert_close(_train(two, train_subset, dataset, cfg), alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["probabilities", "logits"])
+def test_an_ensemble_from_stores_trains_the_student_the_live_teachers_train(
+        rule, teacher, second_teacher, train_subset, dataset, tmp_path):
+    """Cached = online for an ensemble as for one teacher: bit for bit (float32 stores), from memory, from disk
+    read ahead in a thread, and from disk through 2 DataLoader workers."""
+    paths = [make_store(tmp_path / f"{k}.zarr", "zarr", "float32", t, train_subset, chunk_samples=16)
+             for k, t in enumerate((teacher, second_teacher))]
+    cfg = _cfg(tmp_path)
+    weights = [0.3, 0.7]
+
+    def stores(budget):
+        return Ensemble([store_targets(LogitStore(p, max_memory_bytes=budget), 4.0) for p in paths], weights, rule,
+                        4.0)
+
+    live = Ensemble([online_targets(t, CPU) for t in (teacher, second_teacher)], weights, rule, 4.0)
+    reference = _train(live, train_subset, dataset, cfg)
+    assert torch.equal(_train(stores(1 << 30), train_subset, dataset, cfg), reference)
+    assert torch.equal(_train(stores(0), train_subset, dataset, cfg, prefetch=4), reference)
+    assert torch.equal(_train(stores(0), train_subset, dataset, cfg, num_workers=2), reference)
+    single = _train(store_targets(LogitStore(paths[0]), 4.0), train_subset, dataset, cfg)
+    assert not torch.equal(single, reference)
+
+
+def test_a_top_k_store_and_a_full_store_mix_as_full_logits(teacher, second_teacher, train_subset, tmp_path):
+    """Top-K stores are rebuilt as full logits at T (`topk.decode`), then mixed as a full store's."""
+    full = LogitStore(make_store(tmp_path / "f.zarr", "zarr", "float32", teacher, train_subset))
+    top = LogitStore(make_store(tmp_path / "t.zarr", "zarr", "float32", second_teacher, train_subset,
+                                storage="topk", top_k=3))
+    samples, views = np.arange(96), np.arange(96) % 3
+    mixed = Ensemble([store_targets(full, 4.0, "none"), store_targets(top, 4.0, "none")], [0.5, 0.5],
+                     "probabilities", 4.0).read(samples, views)
+    expected = combine([torch.from_numpy(full.read(samples, views, 4.0, "none")),
+                        torch.from_numpy(top.read(samples, views, 4.0, "none"))], [0.5, 0.5], "probabilities", 4.0)
+    np.testing.assert_array_equal(mixed, expected.numpy())
+    assert np.isfinite(mixed).all()
+
+
+def _kd(*args):
+    from stages.cli import kd
+
+    return CliRunner().invoke(kd, [str(a) for a in args])
+
+
+def test_kd_distill_takes_several_stores_and_refuses_what_does_not_pair(teacher, second_teacher, dataset, tmp_path):
+    """`kd distill --cache A --teacher TA --cache B --teacher TB`: each store is checked against its teacher and
+    the run; a count that does not pair, weights of another length and a store of another teacher are refused."""
+    params = write_params(tmp_path / "params.yaml", **{"data.train_subset": 120, "distill.epochs": 1,
+                                                       "distill.optimizer.lr_milestones": [],
+                                                       "distill.optimizer.lr_factors": []})
+    checkpoints = []
+    for k, model in enumerate((teacher, second_teacher)):
+        arch = "cnn" if k == 0 else "tiny_cnn"
+        save_checkpoint(model, arch, 1, 10, tmp_path / f"t{k}.pt")
+        checkpoints.append(tmp_path / f"t{k}.pt")
+        result = _kd("cache", "--params", params, "--teacher", checkpoints[-1], "--out", tmp_path / f"s{k}.zarr")
+        assert result.exit_code == 0, result.output
+    pairs = ["--cache", tmp_path / "s0.zarr", "--teacher", checkpoints[0], "--cache", tmp_path / "s1.zarr",
+             "--teacher", checkpoints[1]]
+    result = _kd("distill", "--params", params, *pairs, "--out", tmp_path / "student.pt")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "student.pt").exists()
+    result = _kd("distill", "--params", params, *pairs[:6], "--out", tmp_path / "x.pt")
+    assert result.exit_code == 1 and "2 --cache stores but 1 --teacher" in result.output
+    swapped = ["--cache", tmp_path / "s0.zarr", "--teacher", checkpoints[1], "--cache", tmp_path / "s1.zarr",
+               "--teacher", checkpoints[0]]
+    result = _kd("distill", "--params", params, *swapped, "--out", tmp_path / "x.pt")
+    assert result.exit_code == 1 and "s0.zarr" in result.output and "teacher_fingerprint" in result.output
+    three = write_params(tmp_path / "w.yaml", **{"data.train_subset": 120, "distill.ensemble.weights": [1, 2, 3]})
+    result = _kd("distill", "--params", three, *pairs, "--out", tmp_path / "x.pt")
+    assert result.exit_code == 1 and "3 entries but 2 teachers" in result.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_ensemble_params_are_checked(tmp_path):
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError) as e:
+        load_params(write_params(tmp_path / "p.yaml", **{"distill.ensemble.rule": "median",
+                                                         "distill.ensemble.weights": [0, 0]}))
+    assert "distill.ensemble.rule" in str(e.value) and "distill.ensemble.weights" in str(e.value)
