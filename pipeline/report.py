@@ -190,10 +190,10 @@ def ensemble_section(metrics: dict) -> Section:
     rows.append(["**ensemble**", "", f"rule `{ensemble['rule']}`, T = {ensemble['temperature']:g}", "1",
                  percent(metrics["ensemble_acc"]), percent(metrics["student_agreement_ensemble"])])
     return Section("Ensemble of teachers", [
-        f"The distilled student learned from {len(ensemble['teachers'])} teachers, their logits mixed by rule "
-        f"`{ensemble['rule']}` with the weights below at T = {ensemble['temperature']:g} (README, \"Ensembles\"). "
-        "The ensemble's test accuracy is the argmax of that same mix of the teachers' test logits. Elsewhere in this "
-        f"report, \"Teacher\" is teacher 0 (`{ensemble['teachers'][0]}`).",
+        f"{len(ensemble['teachers'])} teachers. The ensemble predicts the argmax of their test logits mixed as "
+        f"`kd distill` mixes their stores into the student's targets: rule `{ensemble['rule']}`, the weights below, "
+        f"T = {ensemble['temperature']:g} (README, \"Ensembles\"). Elsewhere in this report, \"Teacher\" is "
+        f"teacher 0 (`{ensemble['teachers'][0]}`).",
         Table(["model", "checkpoint", "architecture", "weight", "test accuracy", "distilled student's top-1 agreement"],
               rows),
         f"Top-1 agreement with the ensemble: distilled student **{percent(metrics['student_agreement_ensemble'])}**, "

@@ -147,3 +147,142 @@ def test_ensemble_params_are_checked(tmp_path):
         load_params(write_params(tmp_path / "p.yaml", **{"distill.ensemble.rule": "median",
                                                          "distill.ensemble.weights": [0, 0]}))
     assert "distill.ensemble.rule" in str(e.value) and "distill.ensemble.weights" in str(e.value)
+
+
+# ---- kd search and kd evaluate with several teachers ----------------------------------------------------------------
+
+TWO = {"data.train_subset": 120, "search.trials": 1, "search.refine_trials": 0, "search.epochs": 1,
+       "search.processes": 1, "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []}
+
+
+@pytest.fixture(scope="module")
+def two_stores(teacher, second_teacher, tmp_path_factory):
+    """Two teachers' checkpoints (t0.pt: cnn, t1.pt: tiny_cnn) and their stores (s0.zarr, s1.zarr) made by
+    `kd cache` with the TWO params."""
+    root = tmp_path_factory.mktemp("two")
+    params = write_params(root / "params.yaml", **TWO)
+    for k, (model, arch) in enumerate(((teacher, "cnn"), (second_teacher, "tiny_cnn"))):
+        save_checkpoint(model, arch, 1, 10, root / f"t{k}.pt")
+        result = _kd("cache", "--params", params, "--teacher", root / f"t{k}.pt", "--out", root / f"s{k}.zarr")
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def _pairs(root, count=2):
+    return [a for k in range(count) for a in ("--cache", root / f"s{k}.zarr", "--teacher", root / f"t{k}.pt")]
+
+
+def _search(root, params, out, *pairs):
+    result = _kd("search", "--params", params, *pairs, "--out", out / "search.csv", "--figure", out / "search.png",
+                 "--metrics", out / "search.json")
+    assert result.exit_code == 0, result.output
+    from pipeline.search import read_rows
+
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_rows(out / "search.csv")]
+
+
+def test_kd_search_mixes_several_stores_the_same_in_one_process_and_in_two(two_stores, tmp_path):
+    rows = {}
+    for processes in (1, 2):
+        params = write_params(tmp_path / f"p{processes}.yaml", **{**TWO, "search.processes": processes})
+        rows[processes] = _search(two_stores, params, tmp_path / str(processes), *_pairs(two_stores))
+    assert rows[1] == rows[2] and len(rows[1]) == 1 and 0 <= rows[1][0]["val_acc"] <= 1
+    alone = _search(two_stores, tmp_path / "p1.yaml", tmp_path / "alone", *_pairs(two_stores, 1))
+    assert alone[0]["config"] != rows[1][0]["config"]  # the config names every store
+    result = _kd("search", "--params", tmp_path / "p1.yaml", *_pairs(two_stores)[:6], "--out", tmp_path / "x.csv")
+    assert result.exit_code == 1 and "2 --cache stores but 1 --teacher" in result.output
+
+
+def test_search_trials_read_the_ensemble_and_its_config_holds_stores_weights_and_rule(two_stores, tmp_path):
+    import dataclasses
+
+    import pipeline.search
+    from pipeline.search import _start_worker, config_hash, trial_targets
+
+    stores = [LogitStore(two_stores / f"s{k}.zarr") for k in range(2)]
+    params = load_params(write_params(tmp_path / "p.yaml", **{**TWO, "distill.ensemble.weights": [1, 3]}))
+    targets = trial_targets(stores, params.distill, 4.0)
+    assert isinstance(targets, Ensemble) and targets.weights == [0.25, 0.75] and targets.temperature == 4.0
+    assert not isinstance(trial_targets(stores[0], params.distill, 4.0), Ensemble)
+
+    def config(metas, **ensemble):
+        cfg = dataclasses.replace(params.distill, ensemble=dataclasses.replace(params.distill.ensemble, **ensemble))
+        return config_hash(metas, cfg, 1, 0, params.data)
+
+    metas = [s.meta for s in stores]
+    assert config(metas[0]) == config(metas[:1])  # one store: as passed alone
+    assert len({config(metas), config(metas[::-1]), config(metas, rule="logits"), config(metas, weights=None),
+                config(metas[:1])}) == 5
+    _start_worker([s.path for s in stores], 1 << 30, None, None, params.distill, 0, CPU, 0, 1)
+    try:  # a worker opens every store by path, each within its share of the memory budget
+        assert [s.max_memory_bytes for s in pipeline.search._WORKER["store"]] == [1 << 29, 1 << 29]
+    finally:
+        pipeline.search._WORKER.clear()
+
+
+@pytest.fixture(scope="module")
+def evaluated(two_stores):
+    """Untrained student and baseline with hand-written logs beside the two teachers; `kd evaluate` with both
+    teachers (weights 1 and 3) and with the first alone."""
+    from test_report import write_history
+
+    root = two_stores
+    for name, seed in (("student", 1), ("baseline", 2)):
+        save_checkpoint(build_model("tiny_cnn", 1, 10, seed=seed), "tiny_cnn", 1, 10, root / f"{name}.pt")
+        write_history(root / f"live/{name}", {"loss": [2.0, 1.0], "train_acc": [0.3, 0.6], "val_acc": [0.4, 0.7]})
+    params = write_params(root / "weighted.yaml", **{"distill.ensemble.weights": [1, 3]})
+
+    def evaluate(out, *teachers, params=params):
+        result = _kd("evaluate", "--params", params, *[a for t in teachers for a in ("--teacher", root / t)],
+                     "--student", root / "student.pt", "--baseline", root / "baseline.pt", "--teacher-live",
+                     root / "none", "--student-live", root / "live/student", "--baseline-live", root / "live/baseline",
+                     "--metrics", root / out / "metrics.json", "--report", root / out / "report.md", "--html",
+                     root / out / "report.html", "--confusion", root / out / "confusion.csv", "--figures",
+                     root / out / "figures")
+        return result
+
+    return root, evaluate
+
+
+def test_kd_evaluate_reports_each_teacher_the_ensemble_and_the_students_agreement(evaluated, dataset):
+    import json
+
+    from pipeline.data import input_transform
+    from pipeline.metrics import accuracy, agreement, predict
+    from pipeline.models import load_checkpoint
+
+    root, evaluate = evaluated
+    result = evaluate("two", "t0.pt", "t1.pt")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "two/metrics.json").read_text())
+    test, labels = dataset.test, dataset.test.labels.numpy()
+    logits = {name: predict(load_checkpoint(root / f"{name}.pt")[0], test, input_transform(None, (0.0,), (1.0,)), CPU)
+              for name in ("t0", "t1", "student")}
+    mixed = combine([torch.from_numpy(logits["t0"]), torch.from_numpy(logits["t1"])], [0.25, 0.75], "probabilities",
+                    2.0).numpy()
+    assert metrics["teacher_acc"] == metrics["teacher_acc_0"] == accuracy(logits["t0"], labels)
+    assert metrics["teacher_acc_1"] == accuracy(logits["t1"], labels)
+    assert metrics["ensemble_acc"] == accuracy(mixed, labels)
+    assert metrics["student_agreement_ensemble"] == agreement(logits["student"], mixed)
+    assert metrics["student_agreement_teacher_0"] == metrics["student_teacher_agreement"]
+    assert metrics["student_agreement_teacher_1"] == agreement(logits["student"], logits["t1"])
+    assert 0 <= metrics["baseline_agreement_ensemble"] <= 1
+    assert metrics["ensemble"] == {"teachers": [str(root / "t0.pt"), str(root / "t1.pt")], "archs": ["cnn", "tiny_cnn"],
+                                   "weights": [0.25, 0.75], "rule": "probabilities", "temperature": 2.0}
+    assert f"Ensemble of 2 teachers test accuracy: {100 * metrics['ensemble_acc']:.2f} %" in result.output
+    for text in ((root / "two/report.md").read_text(), (root / "two/report.html").read_text()):
+        assert "Ensemble of teachers" in text and "t1.pt" in text and "Top-1 agreement with the ensemble" in text
+
+
+def test_kd_evaluate_with_one_teacher_reports_no_ensemble_and_refuses_weights_that_do_not_pair(evaluated):
+    import json
+
+    root, evaluate = evaluated
+    result = evaluate("one", "t0.pt", params=write_params(root / "plain.yaml"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "one/metrics.json").read_text())
+    assert "ensemble" not in metrics and not any(key.startswith(("ensemble_", "teacher_acc_")) for key in metrics)
+    assert "Ensemble" not in (root / "one/report.md").read_text() and "Ensemble" not in result.output
+    three = write_params(root / "three.yaml", **{"distill.ensemble.weights": [1, 2, 3]})
+    result = evaluate("bad", "t0.pt", "t1.pt", params=three)
+    assert result.exit_code == 1 and "3 entries but 2 teachers" in result.output
