@@ -22,7 +22,9 @@ run: install
 	dvc repro
 	@python -c "import json; m = json.load(open('reports/metrics.json')); \
 	print(f\"Student model test accuracy: {100 * m['student_acc']:.2f} %\"); \
-	print(f\"Is above threshold performance? {m['above_threshold']}\")"
+	print(f\"Is above threshold performance? {m['above_threshold']}\"); \
+	print(f\"Distillation gain over the student alone: {100 * m['kd_gain']:+.2f} points (the teacher is \" \
+	      f\"{100 * (m['teacher_acc'] - m['baseline_acc']):.2f} points ahead of the student alone): reports/report.md\")"
 
 test: install
 	pytest -q

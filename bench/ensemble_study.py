@@ -34,11 +34,12 @@ def base_params(data_root: str, subset: int, teacher_epochs: int, epochs: int) -
 @click.option("--data", "data_root", default="/tmp/c10", show_default=True)
 @click.option("--out", default="runs/views", show_default=True)
 @click.option("--subset", default=5000, show_default=True)
+@click.option("--teacher-subset", default=5000, show_default=True, help="data.train_subset of the teachers' training")
 @click.option("--teacher-epochs", default=15, show_default=True)
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--table", is_flag=True)
-def main(data_root, out, subset, teacher_epochs, epochs, seeds, table):
+def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, table):
     out = Path(out).resolve()
     results = out / "ensemble.jsonl"
     if table:
@@ -49,7 +50,8 @@ def main(data_root, out, subset, teacher_epochs, epochs, seeds, table):
     for name, seed in (("b", 1), ("c", 2)):
         if not teachers[name].exists():
             start = time.time()
-            _kd("teacher", "--params", str(_params(out, f"teacher_{name}", base, f"seed={seed}")),
+            _kd("teacher", "--params", str(_params(out, f"teacher_{name}", base, f"seed={seed}",
+                                                   f"data.train_subset={teacher_subset}")),
                 "--out", str(teachers[name]))
             print(f"teacher {name} {time.time() - start:.0f} s", flush=True)
     stores = {}

@@ -61,13 +61,14 @@ MIX = ["mix.mode=mixup", "mix.mixup_alpha=1.0", "mix.prob=1.0"]
 @click.option("--data", "data_root", default="/tmp/c10", show_default=True, help="Folder with train/ and test/.")
 @click.option("--out", default="runs/views", show_default=True)
 @click.option("--subset", default=5000, show_default=True, help="data.train_subset")
+@click.option("--teacher-subset", default=5000, show_default=True, help="data.train_subset of the teachers' training")
 @click.option("--teacher-epochs", default=15, show_default=True)
 @click.option("--epochs", default=10, show_default=True, help="Student epochs (lr x0.1 for the last 2).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--views", default="1,4,16", show_default=True)
 @click.option("--rows", default="alone,cache,cache_mix,fresh,fresh_mix", show_default=True)
 @click.option("--table", is_flag=True, help="Only print the table of OUT/runs.jsonl.")
-def main(data_root, out, subset, teacher_epochs, epochs, seeds, views, rows, table):
+def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, views, rows, table):
     out = Path(out).resolve()
     (out / "params").mkdir(parents=True, exist_ok=True)
     results = out / "runs.jsonl"
@@ -79,10 +80,11 @@ def main(data_root, out, subset, teacher_epochs, epochs, seeds, views, rows, tab
             "teacher.optimizer.lr_milestones=[]", "teacher.optimizer.lr_factors=[]", "distill.student=resnet8",
             "distill.temperature=4.0", "distill.kd_weight=4.0", f"distill.epochs={epochs}",
             f"distill.optimizer.lr_milestones=[{epochs - 2}]"]
-    teacher = out / "teacher.pt"
+    teacher = out / "teacher.pt"  # trained on its own subset (teacher_subset); the students' subset is `subset`
     if not teacher.exists():
         start = time.time()
-        _kd("teacher", "--params", str(_params(out, "teacher", base)), "--out", str(teacher))
+        _kd("teacher", "--params", str(_params(out, "teacher", base, f"data.train_subset={teacher_subset}")), "--out",
+            str(teacher))
         print(f"teacher {time.time() - start:.0f} s, test accuracy "
               f"{100 * _test_accuracy(out / 'params' / 'teacher.yaml', teacher):.2f} %", flush=True)
     done = {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.exists() else set()

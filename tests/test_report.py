@@ -259,3 +259,14 @@ def test_evaluate_reads_a_store_at_a_url_and_skips_a_diverged_search_trial(proje
                                             if f.is_file())
     assert metrics["search"]["best_trial"] == 1 and metrics["search"]["best_val_acc"] == 0.95
     assert "T = **4**, λ = **0.9**" in (project / "at_url/report.md").read_text()
+
+
+def test_the_summary_opens_by_saying_when_the_student_alone_is_already_as_good_as_the_teacher():
+    from pipeline.report import reading_text
+
+    close = {"teacher_errors": 2, "baseline_errors": 4, "teacher_acc": 358 / 360, "baseline_acc": 356 / 360,
+             "test_samples": 360}
+    text = reading_text(close)
+    assert "within 2 test errors" in text and "+0.56 points" in text and "RESULTS.md" in text
+    far = {**close, "baseline_errors": 30, "baseline_acc": 330 / 360}
+    assert reading_text(far) is None
