@@ -307,8 +307,12 @@ class ReplayDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, pair: tuple[int, int]):
         index, view = int(pair[0]), int(pair[1])
-        if self.mix is not None:
-            return self.__getitems__([pair])[0]
+        if self.mix is not None:  # a mixed view needs its partner's: the batch path, for a batch of one
+            items = self.__getitems__([pair])
+            if self.batched is None:
+                return items[0]
+            x, y, *_ = self.collate(items)
+            return x[0], y[0], index, view
         x = replay_view(self.images[index], self.transform, self.seed, index, view)
         return x, self.labels[index], index, view
 

@@ -105,6 +105,8 @@ def test_a_mixed_view_is_the_same_whatever_the_batch_order_path_or_workers(train
     sampler = EpochSampler(lambda e: pairs, len(pairs))
     x = torch.cat([b[0] for b in make_loader(dataset, sampler, 32, 2, CPU)])
     assert torch.equal(x, x_ref)
+    one = dataset[pairs[5]]  # one view by index, on either path
+    assert torch.equal(one[0], x_ref[5]) and torch.equal(one[1], y_ref[5]) and one[2:] == pairs[5]
 
 
 def test_mode_none_leaves_every_view_and_label_as_without_mixing(train_subset):
