@@ -3,6 +3,8 @@ and how many times it decodes each image. Writes a markdown section (--append) a
 
 Usage: python bench/imagefolder_cache.py [--images 2000 --classes 100 --samples 256 --views 8 --repeats 3]
                                          [--data /tmp/kd_imagenet_like] [--append BENCHMARKS.md] [--json FILE]
+On a GPU (issue 15's pair, key cache_vs_teacher_forward_imagefolder_gpu; bench/results/gpu.sh):
+       python bench/imagefolder_cache.py --device cuda --teacher resnet50 --amp bfloat16 --samples 2000 --batch 256
 
 The data is made here, once (nothing is downloaded): `--images` JPEGs of 500x375 px at quality 90 in
 `<data>/train/c<k>/*.jpg` (image j in class j mod `--classes`), each a real image upsampled with PIL (bicubic):
@@ -28,6 +30,11 @@ CPU-s (`_1thread`: no idle spinning of torch's thread pool in the sum). "One cor
 `ImageFiles.__getitem__` is wrapped with a counter shared with the (forked) DataLoader workers; per sample = the
 calls during one cache run / samples (the excess over V is the augmentation check on image 0 that every replay
 starts with). Other processes' load during each step is read from /proc/stat and reported.
+With --device cuda (or --vs-forward on the CPU), `measure_device` instead times the cache stage against the
+teacher's forward alone on that device (keys {teacher_forward,cache}_views_per_s_imagefolder_gpu,
+cache_vs_teacher_forward_imagefolder_gpu, cache_decodes_per_sample_imagefolder_gpu; `_cpu` with --vs-forward).
+If neither the CIFAR-10 archive nor scikit-learn's sample photographs are there, the folder is made of smooth
+random images (the marker says so).
 Keys: cache_views_per_s_imagefolder_cpu (best of the worker settings) and _w0, _w<cores>;
 shared_cores_bound[_1thread]_views_per_s_imagefolder_cpu_{decode_once,decode_per_view};
 one_core[_1thread]_views_per_s_imagefolder_cpu_{decode_once,decode_per_view};
@@ -64,7 +71,7 @@ from pipeline.store import LogitStore
 from pipeline.train import distill, store_targets
 from pipeline.replay import ReplayDataset, build_augment
 from pipeline.sources import ImageFiles
-from pipeline.cache import cache_teacher_logits, teacher_forward
+from pipeline.cache import cache_teacher_logits, prepare_teacher, resolve_amp, teacher_forward, teacher_logits_on
 
 CIFAR_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
@@ -113,9 +120,19 @@ def sample_tiles(count: int):
     return tiles[:count]
 
 
-def build_folder(root: Path, images: int, classes: int) -> dict:
+def smooth_images(count: int):
+    """`count` 160x120 images of seeded random low-frequency colour fields (a last resort without real images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((160, 120), Image.BICUBIC)
+            for _ in range(count)]
+
+
+def build_folder(root: Path, images: int, classes: int, smooth: bool = False) -> dict:
     """`root`/train/c<k>/<j>.jpg, made once; returns the marker's record (source, mean file size)."""
-    wanted = {"images": images, "classes": classes, "size": [WIDTH, HEIGHT], "quality": QUALITY}
+    wanted = {"images": images, "classes": classes, "size": [WIDTH, HEIGHT], "quality": QUALITY,
+              **({"smooth": True} if smooth else {})}
     marker = root / MARKER
     if marker.is_file():
         record = json.loads(marker.read_text())
@@ -129,8 +146,15 @@ def build_folder(root: Path, images: int, classes: int) -> dict:
     from PIL import Image
 
     start = time.perf_counter()
-    source = "cifar10-jpg" if CIFAR_JPG.is_file() else "sklearn sample images"
-    pictures = cifar_images(images) if CIFAR_JPG.is_file() else sample_tiles(images)
+    if smooth:
+        source, pictures = "smooth random images", smooth_images(images)
+    elif CIFAR_JPG.is_file():
+        source, pictures = "cifar10-jpg", cifar_images(images)
+    else:
+        try:
+            source, pictures = "sklearn sample images", sample_tiles(images)
+        except (ImportError, OSError):  # e.g. a GPU machine without scikit-learn's data files
+            source, pictures = "smooth random images", smooth_images(images)
     pictures = [pictures[j % len(pictures)] for j in range(images)]  # repeat if the source holds fewer
     tmp = root / "train.partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -307,6 +331,69 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
     return out, wall, others
 
 
+def measure_device(split, num_classes, mean, std, arch, views, batch, repeats, device, amp, workers,
+                   root: Path) -> tuple[dict, list[str]]:
+    """The cache stage on `device` against the teacher's forward alone there (issue 15's GPU pair): views/s of
+    `cache_teacher_logits` (`workers` DataLoader workers decode and draw; a batched RandomResizedCrop + flip is
+    replayed on `device`), and of `teacher_logits_on` over batches of the same views replayed and moved to the
+    device beforehand (channels-last, autocast `amp`, synchronised), alternated `repeats` times."""
+    tag = "gpu" if device.type == "cuda" else device.type
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    teacher = prepare_teacher(build_model(arch, 3, num_classes, {}, 224, seed=0), device)
+    transform = input_transform(build_augment(AUGMENT), mean, std)
+    n = len(split)
+    head = min(n, max(1, -(-8 * batch // views)))  # the images of 8 batches of views
+    replayer = ReplayDataset(torch.stack([split.images[i] for i in range(head)]), split.labels[:head], transform, 0)
+    pairs = [(i, v) for i in range(head) for v in range(views)][:8 * batch]
+    batches = [replayer.collate(replayer.__getitems__(pairs[s:s + batch]))[0].to(device)
+               for s in range(0, len(pairs), batch)]
+    forward_views = sum(len(x) for x in batches)
+    cfg = CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
+                      chunk_samples=1024, batch_size=batch, amp=amp)
+
+    def forward():
+        for x in batches:
+            teacher_logits_on(teacher, x, device, amp)
+        sync()
+
+    def cache():
+        out = root / f"cache-{time.perf_counter_ns()}.zarr"
+        cache_teacher_logits(out, cfg, teacher, arch, split, num_classes, AUGMENT, mean, std, device,
+                             num_workers=workers)
+        shutil.rmtree(out, ignore_errors=True)
+
+    forward(), cache()  # warm up (cuDNN's choices, the workers' first start, the page cache)
+    rates: dict[str, list[float]] = {"forward": [], "cache": []}
+    decodes = []
+    for r in range(repeats):
+        for key, fn, units in (("forward", forward, forward_views), ("cache", cache, n * views)):
+            DECODES.value = 0
+            start = time.perf_counter()
+            fn()
+            rates[key].append(units / (time.perf_counter() - start))
+            if key == "cache":
+                decodes.append(DECODES.value / n)
+            print(f"repeat {r + 1}/{repeats} {key}: {rates[key][-1]:.0f} views/s", file=sys.stderr, flush=True)
+    fwd, cached = statistics.median(rates["forward"]), statistics.median(rates["cache"])
+    precision = resolve_amp(amp, device)
+    out = {f"teacher_forward_views_per_s_imagefolder_{tag}": fwd, f"cache_views_per_s_imagefolder_{tag}": cached,
+           f"cache_vs_teacher_forward_imagefolder_{tag}": cached / fwd,
+           f"cache_decodes_per_sample_imagefolder_{tag}": statistics.median(decodes)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{CORES} CPU cores"
+    lines = ["", f"## The cache stage on an ImageNet-like JPEG folder against the teacher's forward ({tag})", "",
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}, torch {torch.__version__}): the "
+             f"first {n} images of the bench's folder (`data.image_size: {IMAGE_SIZE}`), {views} views each of "
+             f"RandomResizedCrop 224 + RandomHorizontalFlip, teacher `{arch}` (random weights) at 224, "
+             f"{'channels-last, ' if device.type == 'cuda' else ''}autocast {precision}, batch {batch}; the cache "
+             f"stage with {workers} DataLoader workers into a real zarr store (float16); the forward alone over "
+             f"{forward_views} views replayed and moved to the device beforehand. Medians of {repeats} alternated "
+             "repeats, after one warm-up of each.", "",
+             "| | views/s | / teacher forward | decodes per sample |", "|---|---|---|---|",
+             f"| teacher forward alone | {fwd:.0f} | 1.00x | |",
+             f"| cache stage | {cached:.0f} | **{cached / fwd:.2f}x** | {statistics.median(decodes):.3f} |"]
+    return out, lines
+
+
 def section(r: dict, wall: dict, others: dict, command: str, record: dict, samples: int, views: int, arch: str,
             batch: int, repeats: int) -> list[str]:
     wide, threads = f"w{CORES}", torch.get_num_threads()
@@ -372,13 +459,24 @@ def section(r: dict, wall: dict, others: dict, command: str, record: dict, sampl
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--wait", "wait_s", default=30.0, show_default=True,
               help="Before each repeat, wait up to this many seconds for other processes to leave the cores.")
+@click.option("--device", "device_name", default="cpu", show_default=True,
+              help="cpu: the CPU bounds above. Any other device (cuda): the cache stage against the teacher's "
+                   "forward alone on it (key cache_vs_teacher_forward_imagefolder_gpu).")
+@click.option("--amp", default="auto", show_default=True, help="cache.amp for --device other than cpu "
+              "(auto: float16 on CUDA; bfloat16 as the issue's resnet50 figure).")
+@click.option("--workers", default=None, type=int, help="DataLoader workers of the cache stage (--device other "
+              "than cpu; default: the cores).")
+@click.option("--vs-forward", is_flag=True, help="The device mode's measurement on the CPU too (a check of it).")
+@click.option("--smooth", is_flag=True, help="Make the folder of smooth random images (a quick check).")
 @click.option("--append", "out", default=None, help="Append the markdown section to this file.")
 @click.option("--json", "json_path", default="bench/results.json", show_default=True,
               help="Merge the figures into this flat JSON object.")
-def main(data_root, images, classes, samples, views, arch, batch, repeats, wait_s, out, json_path):
+def main(data_root, images, classes, samples, views, arch, batch, repeats, wait_s, device_name, amp, workers,
+         vs_forward, smooth, out, json_path):
+    device = torch.device(device_name)
     root = Path(data_root)
     root.mkdir(parents=True, exist_ok=True)
-    record = build_folder(root, images, classes)
+    record = build_folder(root, images, classes, smooth)
     print(f"data: {root} ({record['source']}, {record['mean_bytes'] / 1e3:.1f} kB a file)", file=sys.stderr)
     # stratified held-out splits need at least one image per class each
     test_fraction = max(0.1, classes / images)
@@ -390,10 +488,17 @@ def main(data_root, images, classes, samples, views, arch, batch, repeats, wait_
         raise click.ClickException(f"--samples {samples}: the training split has {len(dataset.train)} images")
     split = dataset.train.subset(range(samples))
     count_decodes()
+    command = "python bench/imagefolder_cache.py " + " ".join(sys.argv[1:])
+    if device.type != "cpu" or vs_forward:
+        with tempfile.TemporaryDirectory() as tmp:
+            results, lines = measure_device(split, dataset.num_classes, dataset.mean, dataset.std, arch, views, batch,
+                                            repeats, device, amp, CORES if workers is None else workers, Path(tmp))
+        lines[3] = f"`{command.strip()}` " + lines[3]
+        publish(lines, results, out, json_path)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         results, wall, others = measure(split, dataset.num_classes, dataset.mean, dataset.std, arch, views, batch,
                                         repeats, wait_s, Path(tmp))
-    command = "python bench/imagefolder_cache.py " + " ".join(sys.argv[1:])
     publish(section(results, wall, others, command.strip(), record, samples, views, arch, batch, repeats), results, out,
             json_path)
 

@@ -55,6 +55,9 @@ def _test_accuracy(params: Path, checkpoint: Path) -> float:
 
 
 MIX = ["mix.mode=mixup", "mix.mixup_alpha=1.0", "mix.prob=1.0"]
+CUTMIX = ["mix.mode=cutmix", "mix.cutmix_alpha=1.0", "mix.prob=1.0"]
+ROW_MIX = {"cache_mix": MIX, "fresh_mix": MIX, "cache_fm": MIX, "cache_cutmix": CUTMIX}
+STORE_OF = {"cache_fm": "cache_mix"}  # pure function matching reads the MixUp rows' stores
 
 
 @click.command()
@@ -66,7 +69,8 @@ MIX = ["mix.mode=mixup", "mix.mixup_alpha=1.0", "mix.prob=1.0"]
 @click.option("--epochs", default=10, show_default=True, help="Student epochs (lr x0.1 for the last 2).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--views", default="1,4,16", show_default=True)
-@click.option("--rows", default="alone,cache,cache_mix,fresh,fresh_mix", show_default=True)
+@click.option("--rows", default="alone,cache,cache_mix,fresh,fresh_mix", show_default=True,
+              help="Also: cache_fm (MixUp stores, ce_weight 0), cache_cutmix (CutMix stores).")
 @click.option("--table", is_flag=True, help="Only print the table of OUT/runs.jsonl.")
 def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, views, rows, table):
     out = Path(out).resolve()
@@ -90,7 +94,7 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
     done = {json.loads(line)["run"] for line in results.read_text().splitlines()} if results.exists() else set()
     plan = []
     for row in rows.split(","):
-        if row in ("cache", "cache_mix"):
+        if row.startswith("cache"):
             plan += [(row, int(v)) for v in views.split(",")]
         else:
             plan.append((row, 0))
@@ -99,8 +103,9 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
             name = f"{row}-V{v}-s{seed}" if v else f"{row}-s{seed}"
             if name in done:
                 continue
-            mix = MIX if row.endswith("_mix") else []
-            overrides = [f"seed={seed}", *mix]
+            overrides = [f"seed={seed}", *ROW_MIX.get(row, [])]
+            if row == "cache_fm":
+                overrides.append("distill.ce_weight=0.0")
             store = None
             if row.startswith("cache"):
                 overrides += [f"cache.num_views={v}", "distill.view_schedule=cycle", "distill.teacher_source=cache"]
@@ -109,7 +114,7 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
             params = _params(out, name, base, *overrides)
             cache_s = 0.0
             if row.startswith("cache"):
-                store = out / f"{row}-V{v}.zarr"
+                store = out / f"{STORE_OF.get(row, row)}-V{v}.zarr"
                 if not store.exists():
                     start = time.time()
                     _kd("cache", "--params", str(params), "--teacher", str(teacher), "--out", str(store))
@@ -132,6 +137,8 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
 
 LABELS = {"alone": "student alone (fresh crop + flip every epoch)", "cache": "from a store of V views",
           "cache_mix": "from a store of V mixed views (MixUp, λ ~ U[0, 1])",
+          "cache_fm": "the same, pure function matching (`ce_weight: 0`)",
+          "cache_cutmix": "from a store of V CutMix views (λ ~ U[0, 1])",
           "fresh": "teacher live, a fresh view every epoch", "fresh_mix": "teacher live, a fresh mixed view every epoch"}
 
 

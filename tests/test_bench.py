@@ -48,4 +48,19 @@ def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
 def test_batched_replay_check_runs_on_the_cpu():
     out = subprocess.run([sys.executable, str(ROOT / "bench/replay_check.py"), "--device", "cpu", "--views", "64"],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    assert out.count("bit for bit equal") == 3
+    assert out.count("bit for bit equal") == 4  # RandomResizedCrop too: on the CPU it must be exact
+
+
+def test_imagefolder_bench_device_mode_runs_on_the_cpu(tmp_path):
+    """The GPU pair's code path (bench/results/gpu.sh runs it with --device cuda): the cache stage against the
+    teacher's forward alone, on a folder of JPEGs it makes; each image decoded once."""
+    import json
+
+    results = tmp_path / "results.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/imagefolder_cache.py"), "--vs-forward", "--smooth", "--data",
+                    str(tmp_path / "folder"), "--images", "40", "--classes", "4", "--samples", "6", "--views", "2",
+                    "--batch", "4", "--teacher", "mobilenet_v3_small", "--repeats", "1", "--workers", "0",
+                    "--json", str(results)], check=True, capture_output=True, cwd=ROOT)
+    keys = json.loads(results.read_text())
+    assert keys["cache_vs_teacher_forward_imagefolder_cpu"] > 0
+    assert 1 <= keys["cache_decodes_per_sample_imagefolder_cpu"] < 1.5  # once each (+ the augmentation check)

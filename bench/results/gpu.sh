@@ -7,6 +7,10 @@ source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__, torch.cuda.get_device_name())"
 python3 bench/replay_check.py --device cuda
+# issue 15's pair: an ImageNet-like JPEG folder (made here; 2,500 images, 2,025 of them training), resnet50 at 224
+python3 bench/imagefolder_cache.py --device cuda --teacher resnet50 --amp bfloat16 --images 2500 --samples 2000 \
+    --views 8 --batch 256 --workers 15 --repeats ${REPEATS:-3} --data /tmp/kd_imagenet_like \
+    --append "$OUT/gpu_imagefolder.md" --json "$OUT/gpu.json"
 python3 bench/cache_throughput.py --device cuda --workers 8 --repeats ${REPEATS:-3} --amps off,float16 \
     --append "$OUT/gpu_cache.md" --json "$OUT/gpu.json"
 if [ -d gpu-old/pipeline ]; then
