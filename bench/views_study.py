@@ -120,14 +120,15 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
                     _kd("cache", "--params", str(params), "--teacher", str(teacher), "--out", str(store))
                     cache_s = time.time() - start
             student = out / f"{name}.pt"
-            start = time.time()
-            _kd("distill", "--params", str(params), "--teacher", str(teacher), "--out", str(student),
-                *(["--cache", str(store)] if store else []), *(["--baseline"] if row == "alone" else []),
-                "--live-dir", str(out / "live" / name))
-            seconds = time.time() - start
+            start, seconds = time.time(), None
+            if not (student.exists() and (out / "live" / name / "metrics.json").exists()):  # else: trained, unrecorded
+                _kd("distill", "--params", str(params), "--teacher", str(teacher), "--out", str(student),
+                    *(["--cache", str(store)] if store else []), *(["--baseline"] if row == "alone" else []),
+                    "--live-dir", str(out / "live" / name))
+                seconds = round(time.time() - start, 1)
             val = json.loads((out / "live" / name / "metrics.json").read_text())["val_acc"]
             record = {"run": name, "row": row, "views": v, "seed": seed, "val_acc": val,
-                      "test_acc": _test_accuracy(params, student), "distill_s": round(seconds, 1),
+                      "test_acc": _test_accuracy(params, student), "distill_s": seconds,
                       "cache_s": round(cache_s, 1), "store_bytes": _size(store) if store else 0,
                       "teacher_views": (v * subset if store else (0 if row == "alone" else epochs * subset))}
             with results.open("a") as f:
