@@ -239,6 +239,17 @@ def on_threads(threads: int, fn):
     return run
 
 
+def replayed_batches(replayer: ReplayDataset, pairs: list, batch: int) -> list[torch.Tensor]:
+    """The views `pairs`, `batch` at a time, replayed and collated as the cache stage's loader does (on the CPU)."""
+    return [replayer.collate(replayer.__getitems__(pairs[s:s + batch]))[0] for s in range(0, len(pairs), batch)]
+
+
+def cache_params(views: int, batch: int, amp: str) -> CacheParams:
+    """The bench's `cache` params: a float16 zarr store of `views` views, seed 0, batch `batch`."""
+    return CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
+                       chunk_samples=1024, batch_size=batch, amp=amp)
+
+
 def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, root: Path) -> dict:
     n = len(split)
     teacher = build_model(arch, 3, num_classes, {}, 224, seed=0).eval()
@@ -247,8 +258,7 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
     replayer = ReplayDataset(decoded, split.labels, transform, 0)  # batched (RandomResizedCrop + flip), as the stage
     pairs = [(i, v) for i in range(n) for v in range(views)]
     timed_pairs = pairs[:8 * batch]  # the replay's and forward's costs per view do not depend on which views
-    forward_batches = [replayer.collate(replayer.__getitems__(timed_pairs[s:s + batch]))[0]
-                       for s in range(0, min(len(timed_pairs), 4 * batch), batch)]
+    forward_batches = replayed_batches(replayer, timed_pairs[:4 * batch], batch)
     forward_views = sum(len(x) for x in forward_batches)
     wide = f"w{CORES}"
 
@@ -257,16 +267,14 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
             split.images[i]
 
     def replay():
-        for s in range(0, len(timed_pairs), batch):
-            replayer.collate(replayer.__getitems__(timed_pairs[s:s + batch]))
+        replayed_batches(replayer, timed_pairs, batch)
 
     def forward():
         for x in forward_batches:
             teacher_forward(teacher, x, CPU, "off")
 
     def cache(workers, out=None):
-        cfg = CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
-                          chunk_samples=1024, batch_size=batch, amp="off")
+        cfg = cache_params(views, batch, "off")
         keep, out = out is not None, out or root / f"w{workers}-{time.perf_counter_ns()}.zarr"
         cache_teacher_logits(out, cfg, teacher, arch, split, num_classes, AUGMENT, mean, std, CPU,
                              num_workers=workers)
@@ -332,7 +340,7 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
 
 
 def measure_device(split, num_classes, mean, std, arch, views, batch, repeats, device, amp, workers,
-                   root: Path) -> tuple[dict, list[str]]:
+                   root: Path, command: str) -> tuple[dict, list[str]]:
     """The cache stage on `device` against the teacher's forward alone there (issue 15's GPU pair): views/s of
     `cache_teacher_logits` (`workers` DataLoader workers decode and draw; a batched RandomResizedCrop + flip is
     replayed on `device`), and of `teacher_logits_on` over batches of the same views replayed and moved to the
@@ -345,11 +353,9 @@ def measure_device(split, num_classes, mean, std, arch, views, batch, repeats, d
     head = min(n, max(1, -(-8 * batch // views)))  # the images of 8 batches of views
     replayer = ReplayDataset(torch.stack([split.images[i] for i in range(head)]), split.labels[:head], transform, 0)
     pairs = [(i, v) for i in range(head) for v in range(views)][:8 * batch]
-    batches = [replayer.collate(replayer.__getitems__(pairs[s:s + batch]))[0].to(device)
-               for s in range(0, len(pairs), batch)]
+    batches = [x.to(device) for x in replayed_batches(replayer, pairs, batch)]
     forward_views = sum(len(x) for x in batches)
-    cfg = CacheParams(num_views=views, seed=0, format="zarr", dtype="float16", storage="full", top_k=1,
-                      chunk_samples=1024, batch_size=batch, amp=amp)
+    cfg = cache_params(views, batch, amp)
 
     def forward():
         for x in batches:
@@ -381,7 +387,7 @@ def measure_device(split, num_classes, mean, std, arch, views, batch, repeats, d
            f"cache_decodes_per_sample_imagefolder_{tag}": statistics.median(decodes)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{CORES} CPU cores"
     lines = ["", f"## The cache stage on an ImageNet-like JPEG folder against the teacher's forward ({tag})", "",
-             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}, torch {torch.__version__}): the "
+             f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}, torch {torch.__version__}): the "
              f"first {n} images of the bench's folder (`data.image_size: {IMAGE_SIZE}`), {views} views each of "
              f"RandomResizedCrop 224 + RandomHorizontalFlip, teacher `{arch}` (random weights) at 224, "
              f"{'channels-last, ' if device.type == 'cuda' else ''}autocast {precision}, batch {batch}; the cache "
@@ -488,18 +494,18 @@ def main(data_root, images, classes, samples, views, arch, batch, repeats, wait_
         raise click.ClickException(f"--samples {samples}: the training split has {len(dataset.train)} images")
     split = dataset.train.subset(range(samples))
     count_decodes()
-    command = "python bench/imagefolder_cache.py " + " ".join(sys.argv[1:])
+    command = ("python bench/imagefolder_cache.py " + " ".join(sys.argv[1:])).strip()
     if device.type != "cpu" or vs_forward:
         with tempfile.TemporaryDirectory() as tmp:
             results, lines = measure_device(split, dataset.num_classes, dataset.mean, dataset.std, arch, views, batch,
-                                            repeats, device, amp, CORES if workers is None else workers, Path(tmp))
-        lines[3] = f"`{command.strip()}` " + lines[3]
+                                            repeats, device, amp, CORES if workers is None else workers, Path(tmp),
+                                            command)
         publish(lines, results, out, json_path)
         return
     with tempfile.TemporaryDirectory() as tmp:
         results, wall, others = measure(split, dataset.num_classes, dataset.mean, dataset.std, arch, views, batch,
                                         repeats, wait_s, Path(tmp))
-    publish(section(results, wall, others, command.strip(), record, samples, views, arch, batch, repeats), results, out,
+    publish(section(results, wall, others, command, record, samples, views, arch, batch, repeats), results, out,
             json_path)
 
 
