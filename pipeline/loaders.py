@@ -14,7 +14,7 @@ Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device,
-                collated: bool = False):
+                collated: bool = False, pin: bool = True):
     """A DataLoader over `sampler`'s pairs in batches of `batch_size` (None: `sampler` yields whole batches);
     workers (if any) live as long as the loader. Batches are `(x, y, samples, views[, logits])`.
 
@@ -22,14 +22,29 @@ def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, devi
     never changes a result (the views themselves are seeded per (sample, view) by the replay). Where the
     dataset replays `batched` (crops and flips of in-memory images), the workers send uint8 images and the
     drawn parameters, and x is replayed on `device` (`BatchReplay.apply`; the same tensors as view by view).
-    `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are.
+    `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are. `pin` False: no pinned
+    memory (the dataset's images are already on the device: `resident`).
     """
     batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
     replayed = not collated and getattr(dataset, "batched", None) is not None
     loader = DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator(),
+                        pin_memory=pin and device.type == "cuda", generator=torch.Generator(),
                         **({"collate_fn": _as_is} if replayed or collated else {}))
     return _Replayed(loader, device) if replayed else loader
+
+
+RESIDENT_SHARE = 0.25  # in-memory images move to the GPU when they take at most this share of its free memory
+
+
+def resident(images, device: torch.device, num_workers: int) -> bool:
+    """Whether a run on `device` keeps `images` there for the whole run (each batch then gathered on the device, no
+    per-batch host copy): on CUDA, with num_workers 0 (workers cannot hold CUDA tensors), for an in-memory uint8
+    tensor (arrays such as CIFAR's 150 MB) taking at most RESIDENT_SHARE of the device's free memory. Elsewhere the
+    images stay where they are (on the CPU they are already where the step runs)."""
+    if device.type != "cuda" or num_workers > 0 or not isinstance(images, torch.Tensor):
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() <= RESIDENT_SHARE * free
 
 
 def _as_is(batch):

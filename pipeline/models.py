@@ -228,15 +228,18 @@ def build_model(arch: str, in_channels: int, num_classes: int, options: dict | N
 
 
 def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: int, path: str | Path,
-                    options: dict | None = None, image_size: int | None = None) -> None:
+                    options: dict | None = None, image_size: int | None = None, ema: float | None = None) -> None:
     """Write the checkpoint atomically (temp file, then rename), so a crash never leaves a partial file.
-    `arch`, `options` and `image_size` are those the model was built with, so `load_checkpoint` can rebuild it."""
+    `arch`, `options` and `image_size` are those the model was built with, so `load_checkpoint` can rebuild it.
+    `ema`: the weights are an exponential moving average with this decay (`pipeline.step`), recorded as
+    `weights: {"ema": decay}`. Tensors are saved contiguous (a channels-last run's weights load anywhere)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".partial")
+    extra = {} if ema is None else {"weights": {"ema": ema}}
     torch.save({"arch": arch, "options": dict(options or {}), "image_size": image_size, "in_channels": in_channels,
-                "num_classes": num_classes, "state_dict": state}, tmp)
+                "num_classes": num_classes, "state_dict": state, **extra}, tmp)
     tmp.replace(path)
 
 

@@ -48,6 +48,8 @@ class OptimParams:
     schedule: str
     lr_milestones: list[int]
     lr_factors: list[float]
+    warmup_epochs: int = 0  # linear warm-up into the schedule (`pipeline.train.make_optimizer`)
+    clip_grad_norm: Optional[float] = None  # clip the gradient's global norm to this (null: no clipping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,8 @@ class TeacherParams:
     epochs: int
     batch_size: int
     optimizer: OptimParams
+    amp: str = "off"  # training precision (`pipeline.step`): auto | off | bfloat16 | float16
+    ema: Optional[float] = None  # decay of an EMA of the weights, saved as the teacher; null: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,10 @@ class DistillParams:
     epochs: int
     batch_size: int
     optimizer: OptimParams
+    amp: str = "off"  # the student's training precision (`pipeline.step`): auto | off | bfloat16 | float16
+    channels_last: bool = False  # the student's weights and inputs in channels-last memory format
+    compile: bool = False  # torch.compile the student's forward
+    ema: Optional[float] = None  # decay of an EMA of the student's weights, validated and saved; null: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +163,7 @@ def _log_range(v) -> bool:
 
 def _optim_rules(section: str) -> list:
     return [
-        (f"{section}.name", lambda v: v in ("adam", "sgd"), "adam or sgd"),
+        (f"{section}.name", lambda v: v in ("adam", "adamw", "sgd"), "adam, adamw (decoupled weight decay) or sgd"),
         (f"{section}.lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
         (f"{section}.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
         (f"{section}.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -164,6 +172,18 @@ def _optim_rules(section: str) -> list:
         (f"{section}.lr_milestones", lambda v: v == sorted(set(v)) and all(m >= 1 for m in v),
          "strictly increasing epochs >= 1"),
         (f"{section}.lr_factors", lambda v: all(_finite(f) and f > 0 for f in v), "finite numbers > 0"),
+        (f"{section}.warmup_epochs", lambda v: v >= 0, "an integer >= 0 (0: no warm-up)"),
+        (f"{section}.clip_grad_norm", lambda v: v is None or (_finite(v) and v > 0),
+         "null (no clipping) or a finite number > 0"),
+    ]
+
+
+def _recipe_rules(section: str) -> list:
+    """amp and ema, shared by teacher and distill."""
+    return [
+        (f"{section}.amp", lambda v: v in ("auto", "off", "bfloat16", "float16"),
+         "auto (bfloat16 on CUDA where supported, off on the CPU), off, bfloat16 or float16"),
+        (f"{section}.ema", lambda v: v is None or 0 < v < 1, "null (no EMA) or a decay in (0, 1), e.g. 0.999"),
     ]
 
 
@@ -188,6 +208,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("teacher.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("teacher.batch_size", lambda v: v >= 1, "an integer >= 1"),
     *_optim_rules("teacher.optimizer"),
+    *_recipe_rules("teacher"),
     ("cache.num_views", lambda v: v >= 1, "an integer >= 1"),
     ("cache.seed", lambda v: v >= 0, "an integer >= 0"),
     ("cache.format", lambda v: v in ("zarr", "hdf5"), "zarr or hdf5"),
@@ -215,6 +236,7 @@ _RULES: list[tuple[str, typing.Callable[[Any], bool], str]] = [
     ("distill.epochs", lambda v: v >= 1, "an integer >= 1"),
     ("distill.batch_size", lambda v: v >= 1, "an integer >= 1"),
     *_optim_rules("distill.optimizer"),
+    *_recipe_rules("distill"),
     ("search.trials", lambda v: v >= 0, "an integer >= 0"),
     ("search.refine_trials", lambda v: v >= 0, "an integer >= 0"),
     ("search.refine_span", lambda v: _finite(v) and v > 1, "a finite number > 1"),
@@ -264,6 +286,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if len(opt.lr_factors) != len(opt.lr_milestones):
             problems.append(f"{section}.optimizer.lr_factors needs one factor per entry of "
                             f"{section}.optimizer.lr_milestones ({len(opt.lr_milestones)})")
+        if opt.warmup_epochs is not INVALID and opt.warmup_epochs >= max(epochs, 1):
+            problems.append(f"{section}.optimizer.warmup_epochs is {opt.warmup_epochs}; it must be < {section}.epochs "
+                            f"({epochs}), or the run never reaches its learning rate")
         if opt.schedule == "step" and any(m >= epochs for m in opt.lr_milestones):
             problems.append(f"{section}.optimizer.lr_milestones {opt.lr_milestones} must be < {section}.epochs "
                             f"({epochs}); a milestone at or past the last epoch has no effect")
@@ -365,6 +390,8 @@ def _check(hint: Any, value: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    if hint is str and value is False and key.endswith(".amp"):  # YAML 1.1 reads a bare `off` as false
+        return "off"
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ParamsError(f"{key} is {value!r}; expected {hint.__name__}")
     return value

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from pipeline import KDError, distributed
 from pipeline.cache import prepare_teacher, teacher_forward
 from pipeline.data import Split, ViewDataset
-from pipeline.loaders import RankBatches, Targets, close_loader, make_loader, prefetched
+from pipeline.loaders import RankBatches, Targets, close_loader, make_loader, prefetched, resident
 from pipeline.loss import kd_loss
 from pipeline.params import DistillParams, OptimParams
 from pipeline.resume import Resume, capture, restore
 from pipeline.replay import EpochSampler, ReplayDataset, epoch_pairs
+from pipeline.step import FINITE_EVERY, DivergedError, Step, Totals
 from pipeline.store import LogitStore
 
 EpochLog = Callable[[int, dict], None]
@@ -74,9 +75,11 @@ def online_targets(teacher: nn.Module, device: torch.device, amp: str = "auto") 
 
 def eval_loader(split: Split, transform, num_workers: int = 0, batch_size: int = 512) -> DataLoader:
     """Batches `(x, y)` of `split` through the deterministic `transform`, in order; workers (if any) persist,
-    so one loader serves every epoch's validation."""
+    so one loader serves every epoch's validation. Its own generator: starting its workers never draws on the
+    global one (else a run resumed with workers would draw their seed in another epoch than an uninterrupted one,
+    and its dropout masks would differ from there on)."""
     return DataLoader(ViewDataset(split, transform), batch_size=batch_size, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -94,23 +97,31 @@ def accuracy(model: nn.Module, split: Split | DataLoader, transform=None, device
 
 
 def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
-    """Adam or SGD with a step or cosine schedule; the scheduler steps once per epoch.
+    """Adam, AdamW (decoupled weight decay) or SGD with a step or cosine schedule and a linear warm-up; the
+    scheduler steps once per epoch.
 
-    step: from epoch lr_milestones[k] on, lr = base lr * lr_factors[k]. cosine: lr = base lr *
-    (1 + cos(pi * epoch / epochs)) / 2 (lr_milestones and lr_factors unused).
+    The learning rate in epoch e is base lr x warm(e) x main(e). step: main(e) = lr_factors[k] from epoch
+    lr_milestones[k] on (1 before the first). cosine: main(e) = (1 + cos(pi e / epochs)) / 2. warm-up over
+    W = warmup_epochs epochs: warm(e) = min(1, (e + 1) / (W + 1)), rising linearly into the main schedule, which
+    it reaches at epoch W (W = 0: warm = 1, today's schedules exactly).
     """
-    if cfg.name == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                     weight_decay=cfg.weight_decay)
+    if cfg.name in ("adam", "adamw"):
+        kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        optimizer = kind(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                     weight_decay=cfg.weight_decay)
+    milestones = cfg.lr_milestones
 
     def factor(epoch: int) -> float:
         if cfg.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
-        passed = [f for m, f in zip(cfg.lr_milestones, cfg.lr_factors) if epoch >= m]
-        return passed[-1] if passed else 1.0
+            main = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+        else:
+            passed = [f for m, f in zip(milestones, cfg.lr_factors) if epoch >= m]
+            main = passed[-1] if passed else 1.0
+        if epoch < cfg.warmup_epochs:
+            return main * (epoch + 1) / (cfg.warmup_epochs + 1)
+        return main
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -120,15 +131,19 @@ TEACHER_VIEWS = 1 << 32  # teacher epoch e draws its views as replay "view" 2^32
 
 def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_transform, epochs: int,
                   batch_size: int, optim: OptimParams, seed: int, device: torch.device, num_workers: int = 0,
-                  log: EpochLog = lambda e, m: None, resume: Resume | None = None) -> nn.Module:
+                  log: EpochLog = lambda e, m: None, resume: Resume | None = None, amp: str = "off",
+                  ema: float | None = None) -> nn.Module:
     """Plain CE training with a fresh augmented view of every sample each epoch (seeded, so deterministic).
 
+    `amp` and `ema`: teacher.amp and teacher.ema (`pipeline.step`); with an EMA, the returned (and validated)
+    model is the EMA's copy. `optim.clip_grad_norm` clips the gradient's norm.
     `resume`: continue from its checkpoint when it holds one of this run, and save one after every epoch
     (`pipeline.resume`; the weights end bit-identical to an uninterrupted run's)."""
     torch.manual_seed(seed)
     model.to(device)
     optimizer, schedule = make_optimizer(model, optim, epochs)
-    start, history = _resumed(resume, model, optimizer, schedule, log)
+    step = Step(model, model, optimizer, amp, device, optim.clip_grad_norm, ema)
+    start, history = _resumed(resume, model, optimizer, schedule, log, step)
     dataset = ReplayDataset(train.images, train.labels, transform, seed)
 
     def pairs(epoch: int) -> list[tuple[int, int]]:
@@ -142,34 +157,33 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
         for epoch in tqdm(range(start, epochs), desc="teacher", unit="epoch", initial=start, total=epochs):
             model.train()
             sampler.epoch = epoch
-            loss_sum = correct = seen = 0
+            totals = Totals(device, "teacher training", epoch, optim.lr)
             for x, y, _, _ in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += _finite_loss(loss.item(), epoch, "teacher training", optim.lr) * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
+                y = y.to(device, non_blocking=True)
+                logits = step.forward(x)
+                loss = nn.functional.cross_entropy(logits.float(), y)
+                step.update(loss)
+                totals.add(loss, logits, y)
             schedule.step()
+            loss_sum, correct, seen = totals.values()
             metrics = {"loss": loss_sum / seen, "train_acc": correct / seen,
-                       "val_acc": accuracy(model, val_loader, device=device)}
-            _end_epoch(resume, model, optimizer, schedule, epoch, metrics, history, log)
+                       "val_acc": accuracy(step.result, val_loader, device=device)}
+            _end_epoch(resume, model, optimizer, schedule, epoch, metrics, history, log, step)
     finally:
         close_loader(loader)
         close_loader(val_loader)
-    return model.eval()
+    return step.result.eval()
 
 
-def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: EpochLog) -> tuple[int, list[dict]]:
+def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: EpochLog,
+             step: Step) -> tuple[int, list[dict]]:
     """(first epoch to run, metrics of the epochs before it): from `resume`'s checkpoint of this run, whose logged
     metrics are replayed into `log` (so a dvclive history holds each epoch once), or (0, [])."""
     state = resume.load() if resume is not None else None
     if state is None:
         return 0, []
     start, history = restore(state, model, optimizer, schedule)
+    step.load(state.get("step", {}))
     if distributed.rank() == 0:
         print(f"Resuming from {resume.path} after epoch {start - 1}", file=sys.stderr)
     for epoch, metrics in enumerate(history):
@@ -178,59 +192,45 @@ def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: 
 
 
 def _end_epoch(resume: Resume | None, model: nn.Module, optimizer, schedule, epoch: int, metrics: dict,
-               history: list[dict], log: EpochLog) -> None:
+               history: list[dict], log: EpochLog, step: Step) -> None:
     """Log the epoch's metrics, then checkpoint (a run killed between the two re-runs this epoch, and its
     history still holds the epoch once: the log is rebuilt from the checkpoint on resume)."""
     log(epoch, metrics)
     history.append(metrics)
     if resume is not None:
-        resume.save(capture(model, optimizer, schedule, epoch, history))
-
-
-class DivergedError(KDError):
-    """Training diverged: the loss became NaN or infinite."""
-
-
-def _finite_loss(loss: float, epoch: int, what: str, lr: float) -> float:
-    """`loss`, or a DivergedError if training diverged (a NaN/inf loss would otherwise train a model of chance
-    accuracy)."""
-    if not math.isfinite(loss):
-        raise DivergedError(f"{what} diverged: the loss became {loss} in epoch {epoch}; lower the learning rate "
-                            f"(now {lr:g}) or, when distilling, kd_weight or temperature")
-    return loss
+        resume.save({**capture(model, optimizer, schedule, epoch, history), "step": step.state()})
 
 
 def distill_step(student: nn.Module, optimizer, targets: Targets | None, x: torch.Tensor, y: torch.Tensor,
                  samples: torch.Tensor, views: torch.Tensor, temperature: float, kd_weight: float,
                  device: torch.device, ce_weight: float = 1.0, teacher_logits: torch.Tensor | None = None,
-                 scale: float = 1.0, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits).
+                 scale: float = 1.0, real: int | None = None, step: Step | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on `kd_loss` for a batch of views; returns (loss, student logits), both on the device.
 
+    `step` (`pipeline.step.Step`) runs the forward under the run's autocast and the update with its scaler,
+    clipping and EMA; None: float32, a plain optimiser step. The loss is computed in float32 outside the autocast,
+    and the teacher's logits are computed (`targets`, when run live) outside it too.
     The teacher's logits are `teacher_logits` when given (read ahead), else `targets(x, samples, views)`.
     The gradient is that of `scale` x loss (a rank's share of a global batch under torchrun; 1 alone).
     `real` 0: this rank's share of the global batch is empty and x holds a stand-in (`RankBatches`): the rank
     still steps with the others (DDP's all-reduce needs every rank) with a zero gradient; under SyncBatchNorm it
     forwards an empty batch, so the stand-in never enters the global batch statistics (empty inputs count 0).
     """
+    step = step or Step(student, student, optimizer, "off", device)
     if real == 0:
-        x = x.to(device, non_blocking=True)
         if any(isinstance(m, nn.SyncBatchNorm) for m in student.modules()):
             x = x[:0]
-        logits = student(x)
-        loss = logits.sum() * 0.0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach(), logits.detach()
+        logits = step.forward(x)
+        step.update(logits.float().sum() * 0.0)
+        return torch.zeros((), device=logits.device), logits.detach()
     if kd_weight and teacher_logits is None:
         teacher_logits = targets(x, samples, views)
     teacher_logits = teacher_logits.to(device, non_blocking=True) if kd_weight else None
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    logits = student(x)
-    loss = kd_loss(logits, teacher_logits, y, temperature, kd_weight, ce_weight)
-    optimizer.zero_grad(set_to_none=True)
-    (loss * scale if scale != 1.0 else loss).backward()
-    optimizer.step()
+    y = y.to(device, non_blocking=True)
+    logits = step.forward(x)
+    loss = kd_loss(logits.float(), teacher_logits, y, temperature, kd_weight, ce_weight)
+    step.update(loss * scale if scale != 1.0 else loss)
     return loss.detach(), logits.detach()
 
 
@@ -238,8 +238,15 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             replay_seed: int, num_views: int, cfg: DistillParams, *, kd_weight: float, seed: int,
             device: torch.device, num_workers: int = 0, chunk_samples: int = 0, prefetch: int = 0,
             log: EpochLog = lambda e, m: None, progress: bool = True, resume: Resume | None = None, mix=None,
-            num_classes: int = 0) -> nn.Module:
+            num_classes: int = 0, finite_every: int = FINITE_EVERY) -> nn.Module:
     """Train `student` on `kd_loss` over replayed views; log loss, train_acc and val_acc per epoch.
+
+    The step's recipe (`pipeline.step`): cfg.amp (autocast of the student's forward; the loss in float32),
+    cfg.channels_last, cfg.compile (`torch.compile` of the student's forward), cfg.optimizer.clip_grad_norm, and
+    cfg.ema (the EMA of the weights is validated every epoch and returned). The running loss and accuracy stay on
+    the device; a NaN or infinite loss stops the run within `finite_every` steps (`pipeline.step.FINITE_EVERY`).
+    On a GPU with num_workers 0, in-memory images that fit (`pipeline.loaders.resident`) are moved there once and
+    each batch's images are gathered there.
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
@@ -261,6 +268,8 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     me, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(distributed.rank_seed(seed, me))  # each rank its own dropout masks; rank 0 keeps `seed`
     student.to(device)
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
     model = student
     if world > 1:
         if cfg.batch_size < world:
@@ -272,15 +281,21 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = make_optimizer(student, cfg.optimizer, cfg.epochs)
-    start, history = _resumed(resume, student, optimizer, schedule, log)
+    if cfg.compile:
+        model = torch.compile(model)
+    step = Step(model, student, optimizer, cfg.amp, device, cfg.optimizer.clip_grad_norm, cfg.ema, cfg.channels_last)
+    start, history = _resumed(resume, student, optimizer, schedule, log, step)
     # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
     in_workers = bool(kd_weight and num_workers > 0 and hasattr(targets, "in_workers") and not targets.in_memory)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed,
                             targets.in_workers(num_workers) if in_workers else None, mix=mix, num_classes=num_classes)
+    on_device = dataset.batched is not None and resident(train.images, device, num_workers)
+    if on_device:  # each batch's images gathered on the device: no per-batch host copy
+        dataset.images = train.images.to(device)
     window = cfg.shuffle_chunks * chunk_samples
     batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                           cfg.batch_size, me, world)
-    loader = make_loader(dataset, batches, None, num_workers, device)
+    loader = make_loader(dataset, batches, None, num_workers, device, pin=not on_device)
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
     read_ahead = bool(kd_weight and not in_workers and prefetch > 0)
@@ -289,29 +304,29 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
                           initial=start, total=cfg.epochs, disable=me != 0 or not progress):
             model.train()
             batches.epoch = epoch
-            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen (this rank's real samples)
+            totals = Totals(device, what, epoch, cfg.optimizer.lr, finite_every)  # this rank's real samples
             with closing(prefetched(loader, targets if kd_weight and not in_workers else None,
                                     prefetch if read_ahead else 0, batches)) as items:
-                for step, (batch, teacher_logits) in enumerate(items):
+                for index, (batch, teacher_logits) in enumerate(items):
                     x, y, samples, views = batch[:4]
                     if in_workers:
                         teacher_logits = batch[4]
-                    real, scale = batches.share(step, len(train)) if world > 1 else (len(y), 1.0)
+                    real, scale = batches.share(index, len(train)) if world > 1 else (len(y), 1.0)
                     loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
-                                                kd_weight, device, cfg.ce_weight, teacher_logits, scale, real)
+                                                kd_weight, device, cfg.ce_weight, teacher_logits, scale, real, step)
                     if real:
-                        y = (y.argmax(1) if y.ndim == 2 else y).to(device)  # a mixed label: its larger class
-                        totals += torch.tensor([_finite_loss(loss.item(), epoch, what, cfg.optimizer.lr) * len(y),
-                                                (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+                        y = (y.argmax(1) if y.ndim == 2 else y).to(device, non_blocking=True)  # mixed: larger class
+                        totals.add(loss, logits, y)
             schedule.step()
+            sums = torch.tensor(totals.values(), dtype=torch.float64)  # loss sum, correct, seen
             if world > 1:
-                totals = distributed.all_sum(totals)
-            loss_sum, correct, seen = totals.tolist()
-            val_acc = accuracy(student, val_loader, device=device) if me == 0 else float("nan")
+                sums = distributed.all_sum(sums)
+            loss_sum, correct, seen = sums.tolist()
+            val_acc = accuracy(step.result, val_loader, device=device) if me == 0 else float("nan")
             _end_epoch(resume, student, optimizer, schedule, epoch,
-                       {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": val_acc}, history, log)
+                       {"loss": loss_sum / seen, "train_acc": correct / seen, "val_acc": val_acc}, history, log, step)
     finally:
         close_loader(loader)
         if val_loader is not None:
             close_loader(val_loader)
-    return student.eval()
+    return step.result.eval()

@@ -34,6 +34,7 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
     from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment, replay_device
     from pipeline.resume import resume_at
+    from pipeline.step import resolve_train_amp
     from pipeline.train import accuracy, distill as run_distill, online_targets, store_targets
     from pipeline.loaders import PREFETCH
     from pipeline.mix import as_spec, enabled
@@ -83,12 +84,14 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
         facts = teacher_facts[0] if len(teacher_facts) == 1 else teacher_facts
         resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, replay_seed, num_views,
                            params.cache.chunk_samples, params.cache.amp, _run_fields(cfg, len(teachers)), baseline,
-                           facts, *([as_spec(params.mix)] if enabled(params.mix) else []))
+                           facts, *([as_spec(params.mix)] if enabled(params.mix) else []),
+                           *([resolve_train_amp(cfg.amp, device)] if cfg.amp == "auto" else []))
         with live_log(live_dir if me == 0 else None) as log:
-            run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed, num_views,
-                        cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed, device=device,
-                        num_workers=params.num_workers, chunk_samples=params.cache.chunk_samples,
-                        prefetch=prefetch, log=log, resume=resume, mix=params.mix, num_classes=data.num_classes)
+            student = run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed,
+                                  num_views, cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed,
+                                  device=device, num_workers=params.num_workers,
+                                  chunk_samples=params.cache.chunk_samples, prefetch=prefetch, log=log,
+                                  resume=resume, mix=params.mix, num_classes=data.num_classes)
     finally:
         distributed.close()
     if me != 0:  # rank 0 reports and writes
@@ -96,7 +99,7 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
     name = "Baseline" if baseline else "Student"
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
-    save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size)
+    save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size, cfg.ema)
     resume.clear()
 
 

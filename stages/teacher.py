@@ -28,6 +28,7 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
     from pipeline.models import build_model, save_checkpoint
     from pipeline.replay import build_augment
     from pipeline.resume import resume_at
+    from pipeline.step import resolve_train_amp
     from pipeline.train import accuracy, train_teacher
 
     params, device = setup(params_path, device)
@@ -64,11 +65,14 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
             augment = params.augment if cfg.augment is None else cfg.augment
             transform = input_transform(build_augment(augment), data.mean, data.std)
             resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, dataclasses.asdict(cfg),
-                               fingerprint(data.train))
-            train_teacher(model, data.train, data.val, transform, eval_transform, cfg.epochs, cfg.batch_size,
-                          cfg.optimizer, params.seed, device, params.num_workers, log, resume)
+                               fingerprint(data.train),
+                               *([resolve_train_amp(cfg.amp, device)] if cfg.amp == "auto" else []))
+            model = train_teacher(model, data.train, data.val, transform, eval_transform, cfg.epochs,
+                                  cfg.batch_size, cfg.optimizer, params.seed, device, params.num_workers, log, resume,
+                                  cfg.amp, cfg.ema)
     val_acc = accuracy(model, data.val, eval_transform, device, params.num_workers)
     click.echo(f"Teacher ({arch}) validation accuracy: {100 * val_acc:.2f} %")
-    save_checkpoint(model, arch, in_channels, data.num_classes, out, options, image_size)
+    save_checkpoint(model, arch, in_channels, data.num_classes, out, options, image_size,
+                    None if cfg.checkpoint else cfg.ema)
     if not cfg.checkpoint:
         resume.clear()

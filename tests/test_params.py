@@ -27,7 +27,17 @@ def test_mistyped_key_names_the_key_and_suggests_the_fix(tmp_path):
     ("distill.kd_weight", float("inf"), r"distill.kd_weight is inf; expected a finite number >= 0"),
     ("distill.optimizer.lr_factors", [-1.0], r"distill.optimizer.lr_factors is \[-1.0\]; expected finite numbers > 0"),
     ("distill.optimizer.lr_milestones", [500], r"lr_milestones \[500\] must be < distill.epochs"),
-    ("distill.optimizer.name", "rmsprop", r"distill.optimizer.name is 'rmsprop'; expected adam or sgd"),
+    ("distill.optimizer.name", "rmsprop", r"distill.optimizer.name is 'rmsprop'; expected adam, adamw .* or sgd"),
+    ("distill.optimizer.warmup_epochs", -1, r"distill.optimizer.warmup_epochs is -1; expected an integer >= 0"),
+    ("distill.optimizer.warmup_epochs", 2, r"distill.optimizer.warmup_epochs is 2; it must be < distill.epochs \(2\)"),
+    ("teacher.optimizer.clip_grad_norm", 0, r"teacher.optimizer.clip_grad_norm is 0.0; expected null .* or a finite"),
+    ("distill.optimizer.clip_grad_norm", "big", r"distill.optimizer.clip_grad_norm is 'big'; expected float"),
+    ("distill.amp", "float8", r"distill.amp is 'float8'; expected auto .*, off, bfloat16 or float16"),
+    ("teacher.amp", "fp16", r"teacher.amp is 'fp16'; expected auto"),
+    ("distill.ema", 1.0, r"distill.ema is 1.0; expected null \(no EMA\) or a decay in \(0, 1\)"),
+    ("teacher.ema", 0, r"teacher.ema is 0.0; expected null"),
+    ("distill.compile", "yes", r"distill.compile is 'yes'; expected bool"),
+    ("distill.channels_last", 1, r"distill.channels_last is 1; expected bool"),
     ("teacher.optimizer.schedule", "linear", r"teacher.optimizer.schedule is 'linear'; expected step or cosine"),
     ("seed", -1, r"seed is -1; expected an integer >= 0"),
     ("data.name", "imagenet", r"data.name is 'imagenet'; expected one of digits, mnist"),
@@ -102,3 +112,20 @@ def test_every_recipe_validates(recipe):
 def test_devices_and_augmentation_are_checked_before_any_work(tmp_path, key, value, message):
     with pytest.raises(ParamsError, match=message):
         load_params(write_params(tmp_path / "params.yaml", **{key: value}))
+
+
+def test_a_bare_off_is_the_precision_off_not_a_type_error(tmp_path):
+    """YAML 1.1 reads `amp: off` (and `dvc exp run -S distill.amp=off`) as false: it means the precision off."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("  amp: auto                  # the student's",
+                                                               "  amp: off                   # the student's"))
+    assert load_params(path).distill.amp == "off"
+
+
+def test_the_recipe_keys_default_to_todays_training(tmp_path):
+    """The project's params: no warm-up, no clipping, no EMA, no compile, channels-first; amp auto (off on a CPU)."""
+    p = load_params(ROOT / "params.yaml")
+    for opt in (p.teacher.optimizer, p.distill.optimizer):
+        assert opt.warmup_epochs == 0 and opt.clip_grad_norm is None
+    assert (p.distill.amp, p.distill.ema, p.distill.compile, p.distill.channels_last) == ("auto", None, False, False)
+    assert (p.teacher.amp, p.teacher.ema) == ("auto", None)
