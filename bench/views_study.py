@@ -57,7 +57,10 @@ def _test_accuracy(params: Path, checkpoint: Path) -> float:
 MIX = ["mix.mode=mixup", "mix.mixup_alpha=1.0", "mix.prob=1.0"]
 CUTMIX = ["mix.mode=cutmix", "mix.cutmix_alpha=1.0", "mix.prob=1.0"]
 ROW_MIX = {"cache_mix": MIX, "fresh_mix": MIX, "cache_fm": MIX, "cache_cutmix": CUTMIX}
-STORE_OF = {"cache_fm": "cache_mix"}  # pure function matching reads the MixUp rows' stores
+# the training recipe (issue 23): the same stores as the plain rows, the student trained otherwise
+ROW_RECIPE = {"cache_bf16": ["distill.amp=bfloat16"],
+              "cache_ema": ["distill.ema=0.99", "distill.optimizer.warmup_epochs=2"]}
+STORE_OF = {"cache_fm": "cache_mix", "cache_bf16": "cache", "cache_ema": "cache"}  # rows reading another row's stores
 
 
 @click.command()
@@ -70,7 +73,9 @@ STORE_OF = {"cache_fm": "cache_mix"}  # pure function matching reads the MixUp r
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--views", default="1,4,16", show_default=True)
 @click.option("--rows", default="alone,cache,cache_mix,fresh,fresh_mix", show_default=True,
-              help="Also: cache_fm (MixUp stores, ce_weight 0), cache_cutmix (CutMix stores).")
+              help="Also: cache_fm (MixUp stores, ce_weight 0), cache_cutmix (CutMix stores), cache_bf16 (the plain "
+                   "stores, distill.amp bfloat16), cache_ema (the plain stores, an EMA of decay 0.99 and 2 warm-up "
+                   "epochs).")
 @click.option("--table", is_flag=True, help="Only print the table of OUT/runs.jsonl.")
 def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, views, rows, table):
     out = Path(out).resolve()
@@ -103,7 +108,7 @@ def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, 
             name = f"{row}-V{v}-s{seed}" if v else f"{row}-s{seed}"
             if name in done:
                 continue
-            overrides = [f"seed={seed}", *ROW_MIX.get(row, [])]
+            overrides = [f"seed={seed}", *ROW_MIX.get(row, []), *ROW_RECIPE.get(row, [])]
             if row == "cache_fm":
                 overrides.append("distill.ce_weight=0.0")
             store = None
@@ -140,6 +145,8 @@ LABELS = {"alone": "student alone (fresh crop + flip every epoch)", "cache": "fr
           "cache_mix": "from a store of V mixed views (MixUp, λ ~ U[0, 1])",
           "cache_fm": "the same, pure function matching (`ce_weight: 0`)",
           "cache_cutmix": "from a store of V CutMix views (λ ~ U[0, 1])",
+          "cache_bf16": "the same, trained in bfloat16 autocast (`distill.amp: bfloat16`)",
+          "cache_ema": "the same, with an EMA of the weights (decay 0.99) and 2 warm-up epochs",
           "fresh": "teacher live, a fresh view every epoch", "fresh_mix": "teacher live, a fresh mixed view every epoch"}
 
 

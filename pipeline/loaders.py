@@ -120,6 +120,32 @@ def prefetched(batches, targets: Targets | None, depth: int, pairs=None):
         for batch in batches:
             yield batch, (targets(batch[0], batch[2], batch[3]) if targets is not None else None)
         return
+
+    def reads():
+        for batch_pairs in pairs:
+            samples = np.fromiter((p[0] for p in batch_pairs), np.int64, len(batch_pairs))
+            views = np.fromiter((p[1] for p in batch_pairs), np.int64, len(batch_pairs))
+            yield samples, targets.read(samples, views)
+
+    read = ahead(reads(), depth, "kd-read-ahead")
+    try:
+        for batch in batches:
+            item = next(read, None)
+            if item is None or not np.array_equal(item[0], np.asarray(batch[2])):
+                raise RuntimeError("read-ahead out of step with the loader: the batch sampler and the loader "
+                                   "disagree on a batch's samples")
+            yield batch, torch.from_numpy(item[1])
+    finally:
+        read.close()
+
+
+def ahead(items, depth: int, name: str = "kd-batches-ahead"):
+    """Yield the items of the iterable `items`, made up to `depth` ahead by a background thread called `name`.
+
+    An exception raised making an item is raised here, in its place. Whatever ends the iteration (the last item, an
+    exception here or in the caller, `close()`), the thread is told to stop and joined before this generator
+    returns: no put or get waits without a timeout on the other side, so nothing is left behind and nothing hangs.
+    """
     import queue
     import threading
 
@@ -137,35 +163,41 @@ def prefetched(batches, targets: Targets | None, depth: int, pairs=None):
 
     def work():
         try:
-            for batch_pairs in pairs:
-                samples = np.fromiter((p[0] for p in batch_pairs), np.int64, len(batch_pairs))
-                views = np.fromiter((p[1] for p in batch_pairs), np.int64, len(batch_pairs))
-                if not offer((samples, targets.read(samples, views))):
+            for item in items:
+                if not offer(item):
                     return
             offer(done)
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the training thread
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the consuming thread
             offer(e)
 
-    thread = threading.Thread(target=work, name="kd-read-ahead", daemon=True)
+    thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
     try:
-        for batch in batches:
-            while True:
-                try:
-                    item = box.get(timeout=0.05)
-                    break
-                except queue.Empty:
-                    if not thread.is_alive():
-                        raise RuntimeError("the read-ahead thread ended without a result") from None
+        while True:
+            try:
+                item = box.get(timeout=0.05)
+            except queue.Empty:
+                if not thread.is_alive() and box.empty():
+                    raise RuntimeError(f"the {name} thread ended without a result") from None
+                continue
+            if item is done:
+                return
             if isinstance(item, BaseException):
                 raise item
-            if item is done or not np.array_equal(item[0], np.asarray(batch[2])):
-                raise RuntimeError("read-ahead out of step with the loader: the batch sampler and the loader "
-                                   "disagree on a batch's samples")
-            yield batch, torch.from_numpy(item[1])
+            yield item
     finally:
         stop.set()
         thread.join()
+
+
+def thread_safe(loader) -> bool:
+    """Whether `loader` (a `make_loader` result) may be iterated in a thread other than the training thread: with
+    no worker processes, over a ReplayDataset replayed a batch at a time (`batched`) by crops and flips only, whose
+    draws use a generator of their own (`BatchReplay.draw`); a RandomResizedCrop or view-by-view replay reseed the
+    global generator, which the training thread's dropout draws from, so they stay in the training thread."""
+    inner = getattr(loader, "loader", loader)
+    plan = getattr(getattr(inner, "dataset", None), "batched", None)
+    return inner.num_workers == 0 and plan is not None and plan.resized is None
 
 
 def close_loader(loader) -> None:

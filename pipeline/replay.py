@@ -78,6 +78,54 @@ def view_seed(seed: int, index: int, view: int) -> int:
     return int(np.random.SeedSequence([seed, index, view]).generate_state(1, np.uint64)[0])
 
 
+# numpy's SeedSequence constants (numpy/random/bit_generator.pyx, after Melissa O'Neill's seed_seq_fe)
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R, _MASK32 = 0xCA01F9DD, 0x4973F715, np.uint64(0xFFFFFFFF)
+
+
+def view_seeds(seed: int, samples, views) -> np.ndarray:
+    """`view_seed(seed, i, v)` for every (i, v) of the arrays `samples`, `views` at once: (B,) uint64, equal to
+    numpy's `SeedSequence([seed, i, v]).generate_state(1, np.uint64)[0]` (tests/test_replay.py holds it to that),
+    computed as SeedSequence does (a pool of 4 uint32 words, hashmix and mix, then generate_state) on whole
+    columns: ~3 us a view against ~20 us through SeedSequence. Entries whose seed, sample or view do not fit in
+    32 bits (SeedSequence then splits them into several words) go through `view_seed`."""
+    samples, views = np.asarray(samples, dtype=np.int64), np.asarray(views, dtype=np.int64)
+    out = np.empty(len(samples), dtype=np.uint64)
+    small = (samples >= 0) & (samples < 1 << 32) & (views >= 0) & (views < 1 << 32) & (0 <= seed < 1 << 32)
+    for k in np.flatnonzero(~small):
+        out[k] = view_seed(seed, int(samples[k]), int(views[k]))
+    if not small.any():
+        return out
+    u64 = np.uint64
+    words = [np.full(int(small.sum()), seed, u64), samples[small].astype(u64), views[small].astype(u64),
+             np.zeros(int(small.sum()), u64)]  # 3 words of entropy; the pool's 4th hashes 0
+    hash_const = [u64(_INIT_A)]
+
+    def hashmix(value):
+        value = (value ^ hash_const[0]) & _MASK32
+        hash_const[0] = (hash_const[0] * u64(_MULT_A)) & _MASK32
+        value = (value * hash_const[0]) & _MASK32
+        return value ^ (value >> u64(16))
+
+    def mix(x, y):
+        r = (u64(_MIX_MULT_L) * x - u64(_MIX_MULT_R) * y) & _MASK32
+        return r ^ (r >> u64(16))
+
+    pool = [hashmix(w) for w in words]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    state, h = [], u64(_INIT_B)
+    for k in range(2):  # one uint64: two uint32 words, low first
+        d = (pool[k] ^ h) & _MASK32
+        h = (h * u64(_MULT_B)) & _MASK32
+        d = (d * h) & _MASK32
+        state.append(d ^ (d >> u64(16)))
+    out[small] = state[0] | (state[1] << u64(32))
+    return out
+
+
 def replay_view(image: torch.Tensor, transform, seed: int, index: int, view: int) -> torch.Tensor:
     """The augmented input for (sample `index`, view `view`): `transform(image)` under a fixed seed.
 
@@ -144,33 +192,59 @@ class BatchReplay:
     def draw(self, seed: int, samples, views, shape) -> np.ndarray:
         """The random parameters of each view (B, 4 + 2 x steps) int64, drawn as `replay_view` draws them: the
         resized crop's (top, left, height, width) (zeros without one), then (top, left) for a crop, (flipped, 0)
-        for a flip. The global generator is left as it was. shape: the images' (C, H, W)."""
+        for a flip. shape: the images' (C, H, W).
+
+        Crops and flips draw from a generator of this call's own, seeded per view with `view_seed` (`view_seeds`,
+        for the whole batch at once), making the very calls their `make_params` / `forward` make on the global
+        generator (`torch.randint(0, n, ())` for each cropped axis, `torch.rand(1) < p` for a flip): the same numbers,
+        and the global generator is never touched, so this may run in any thread. A RandomResizedCrop draws
+        through its own `make_params` on the global generator (restored after), in the main thread only."""
         from torchvision.transforms import v2
 
+        if self.resized is not None:
+            return self._draw_resized(seed, samples, views, shape)
+        plan, h, w = [], shape[-2], shape[-1]
+        for k, s in enumerate(self.steps, start=2):
+            if type(s) is v2.RandomCrop:
+                left, top, right, bottom = _crop_padding(s, h, w)
+                padded_h, padded_w = h + top + bottom, w + left + right
+                if padded_h < s.size[0] or padded_w < s.size[1]:
+                    raise KDError(f"RandomCrop{tuple(s.size)} is larger than the padded image ({padded_h}, "
+                                  f"{padded_w}): lower its size or pad more")
+                plan.append((2 * k, "crop", padded_h - s.size[0] + 1, padded_w - s.size[1] + 1))
+                h, w = s.size
+            else:
+                plan.append((2 * k, "flip", s.p, None))
+        out = np.zeros((len(samples), 4 + 2 * len(self.steps)), dtype=np.int64)
+        if not plan:
+            return out
+        generator = torch.Generator()
+        for row, view in enumerate(view_seeds(seed, samples, views).tolist()):
+            generator.manual_seed(view)
+            for column, kind, a, b in plan:
+                if kind == "flip":
+                    out[row, column] = bool(torch.rand(1, generator=generator) < a)
+                    continue
+                if a > 1:
+                    out[row, column] = int(torch.randint(0, a, size=(), generator=generator))
+                if b > 1:
+                    out[row, column + 1] = int(torch.randint(0, b, size=(), generator=generator))
+        return out
+
+    def _draw_resized(self, seed: int, samples, views, shape) -> np.ndarray:
+        """`draw` with a RandomResizedCrop first: its `make_params` and the flips on the global generator."""
         owns_generator()
         generator = torch.default_generator
         state = generator.get_state()
-        sizes, h, w = [], shape[-2], shape[-1]
-        image = torch.empty((shape[0], h, w), dtype=torch.uint8)
-        if self.resized is not None:
-            h, w = _resized_size(self.resized)
-        for s in self.steps:  # the image size each step sees (crops fix it for the next)
-            sizes.append(torch.empty((shape[0], h, w), dtype=torch.uint8))
-            if type(s) is v2.RandomCrop:
-                h, w = s.size
+        image = torch.empty((shape[0], shape[-2], shape[-1]), dtype=torch.uint8)
         out = np.zeros((len(samples), 4 + 2 * len(self.steps)), dtype=np.int64)
         try:
-            for row, (i, v) in enumerate(zip(samples, views)):
-                generator.manual_seed(view_seed(seed, int(i), int(v)))
-                if self.resized is not None:
-                    p = self.resized.make_params([image])
-                    out[row, :4] = (p["top"], p["left"], p["height"], p["width"])
+            for row, view in enumerate(view_seeds(seed, samples, views).tolist()):
+                generator.manual_seed(view)
+                p = self.resized.make_params([image])
+                out[row, :4] = (p["top"], p["left"], p["height"], p["width"])
                 for k, s in enumerate(self.steps, start=2):
-                    if type(s) is v2.RandomCrop:
-                        p = s.make_params([sizes[k - 2]])
-                        out[row, 2 * k:2 * k + 2] = (p["top"], p["left"])
-                    else:
-                        out[row, 2 * k] = bool(torch.rand(1) < s.p)
+                    out[row, 2 * k] = bool(torch.rand(1) < s.p)
         finally:
             generator.set_state(state)
         return out

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from pipeline import KDError, distributed
 from pipeline.cache import prepare_teacher, teacher_forward
 from pipeline.data import Split, ViewDataset
-from pipeline.loaders import RankBatches, Targets, close_loader, make_loader, prefetched, resident
+from pipeline.loaders import (RankBatches, Targets, ahead, close_loader, make_loader, prefetched, resident,
+                             thread_safe)
 from pipeline.loss import kd_loss
 from pipeline.params import DistillParams, OptimParams
 from pipeline.resume import Resume, capture, restore
@@ -126,6 +127,7 @@ def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+BATCHES_AHEAD = 2  # batches replayed ahead of the step in a thread, where the replay may leave the main thread
 TEACHER_VIEWS = 1 << 32  # teacher epoch e draws its views as replay "view" 2^32 + e: never a cached view id
 
 
@@ -246,7 +248,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     cfg.ema (the EMA of the weights is validated every epoch and returned). The running loss and accuracy stay on
     the device; a NaN or infinite loss stops the run within `finite_every` steps (`pipeline.step.FINITE_EVERY`).
     On a GPU with num_workers 0, in-memory images that fit (`pipeline.loaders.resident`) are moved there once and
-    each batch's images are gathered there.
+    each batch's images are gathered there. With num_workers 0 and views replayed a batch at a time by crops and
+    flips (`pipeline.loaders.thread_safe`), the next BATCHES_AHEAD batches are replayed in a thread beside the
+    step (`pipeline.loaders.ahead`; the same batches: those draws never touch the global generator).
 
     In epoch e, every sample i appears once, as view `epoch_views(cfg.view_schedule, ...)[i]`, built by
     `replay_view(..., replay_seed, i, v)`; `targets` gives the teacher's logits for exactly that view.
@@ -305,7 +309,8 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             model.train()
             batches.epoch = epoch
             totals = Totals(device, what, epoch, cfg.optimizer.lr, finite_every)  # this rank's real samples
-            with closing(prefetched(loader, targets if kd_weight and not in_workers else None,
+            source = ahead(loader, BATCHES_AHEAD) if thread_safe(loader) else loader  # replay beside the step
+            with closing(prefetched(source, targets if kd_weight and not in_workers else None,
                                     prefetch if read_ahead else 0, batches)) as items:
                 for index, (batch, teacher_logits) in enumerate(items):
                     x, y, samples, views = batch[:4]

@@ -169,3 +169,79 @@ def test_a_nan_loss_stops_the_run_within_finite_every_steps(nan_at, cfg, float32
         train.kd_loss = real_loss
     steps_after = calls[0] - (nan_at + 1)
     assert 0 <= steps_after <= FINITE_EVERY - 1
+
+
+CROP_FLIP = [{"RandomCrop": {"size": 8, "padding": 1}}, {"RandomHorizontalFlip": {}}]
+
+
+def test_crops_and_flips_replay_beside_the_step_and_nothing_else_does(train_subset):
+    """Only a batched replay of crops and flips with no worker processes runs in the batches-ahead thread: its draws
+    use a generator of their own. Affine transforms (view by view), a RandomResizedCrop (its own make_params on the
+    global generator) and worker processes stay as they were."""
+    from pipeline.data import input_transform
+    from pipeline.loaders import make_loader, resident, thread_safe
+    from pipeline.replay import EpochSampler, ReplayDataset, build_augment
+
+    def loader(augment, workers=0):
+        transform = input_transform(build_augment(augment), (0.0,), (1.0,))
+        dataset = ReplayDataset(train_subset.images, train_subset.labels, transform, 0)
+        return make_loader(dataset, EpochSampler(lambda e: [(0, 0)], 1), 1, workers, CPU)
+
+    assert thread_safe(loader(CROP_FLIP)) and thread_safe(loader([]))
+    assert not thread_safe(loader(CROP_FLIP, workers=1))
+    assert not thread_safe(loader([{"RandomAffine": {"degrees": 10}}]))
+    assert not thread_safe(loader([{"RandomResizedCrop": {"size": 8}}]))
+    assert not resident(train_subset.images, CPU, 0)  # on the CPU the images already are where the step runs
+
+
+def test_replaying_beside_the_step_trains_the_same_dropout_student_bit_for_bit(cfg, float32_store, train_subset,
+                                                                               dataset):
+    """A dropout student draws its masks from the global generator every step while the thread replays the next
+    batches: the weights equal those of the same run replaying in the training thread."""
+    from pipeline.data import input_transform
+    from pipeline.replay import build_augment
+
+    transform = input_transform(build_augment(CROP_FLIP), (0.0,), (1.0,))
+
+    def trained():
+        student = build_model("mlp", 1, 10, {"hidden_sizes": [32], "dropout": 0.5, "input_dropout": 0.2}, 8, seed=0)
+        return weights(distill(student, train_subset, dataset.val, store_targets(float32_store), transform, EVAL, 7,
+                               3, dataclasses.replace(cfg, epochs=3), kd_weight=1.0, seed=0, device=CPU))
+
+    threads = []
+    original = train.ahead
+
+    def counting(*args, **kwargs):
+        threads.append(1)
+        return original(*args, **kwargs)
+
+    train.ahead = counting
+    try:
+        beside = trained()
+    finally:
+        train.ahead = original
+    assert len(threads) == 3  # one per epoch
+    original_safe = train.thread_safe
+    train.thread_safe = lambda loader: False
+    try:
+        in_line = trained()
+    finally:
+        train.thread_safe = original_safe
+    assert_equal_weights(beside, in_line)
+
+
+def test_a_failure_making_a_batch_ahead_is_raised_in_the_training_thread():
+    import threading
+
+    from pipeline.loaders import ahead
+
+    def items():
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in ahead(items(), 2):
+            got.append(item)
+    assert got == [1]
+    assert not [t for t in threading.enumerate() if t.name == "kd-batches-ahead"]

@@ -161,3 +161,36 @@ def test_batched_replay_equals_replay_view_bit_for_bit(name):
                                      [{"RandomCrop": {"size": 28, "padding": 2, "fill": 1}}]])
 def test_batched_replay_is_refused_for_other_transforms(augment):
     assert BatchReplay.of(input_transform(build_augment(augment), (0.5,), (0.25,))) is None
+
+
+def test_view_seeds_equal_numpys_seed_sequence_for_every_pair():
+    """`view_seeds` (a whole batch at once) is `view_seed` (numpy's SeedSequence) entry by entry: small and large
+    samples and views, views past 2**32 (the teacher's epochs), replay seeds 0 and large."""
+    from pipeline.replay import view_seed, view_seeds
+
+    rng = np.random.default_rng(0)
+    samples = np.concatenate([np.arange(50), rng.integers(0, 2**32, 300), [0, 1, 2**32 - 1, 2**32 + 5]])
+    views = np.concatenate([np.zeros(50, np.int64), rng.integers(0, 2**32, 300), [2**32, 2**32 + 7, 3, 2]])
+    for seed in (0, 7, 2**32 - 1, 2**40):
+        expected = np.array([view_seed(seed, int(i), int(v)) for i, v in zip(samples, views)], dtype=np.uint64)
+        assert np.array_equal(view_seeds(seed, samples, views), expected), seed
+
+
+def test_batched_crops_and_flips_draw_the_same_in_another_thread_and_leave_the_global_generator():
+    """The batched draws of crops and flips use a generator of their own, seeded per view: the same parameters in
+    a second thread, for hundreds of views, and the global generator is never touched."""
+    import threading
+
+    transform = input_transform(build_augment(CROPS_AND_FLIPS["flip first, uneven padding"]), (0.5,) * 3, (0.2,) * 3)
+    plan = BatchReplay.of(transform)
+    samples, views = np.repeat(np.arange(100), 4), np.tile(np.arange(4), 100)
+    here = plan.draw(3, samples, views, (3, 32, 32))
+    there = []
+    state = torch.default_generator.get_state()
+    thread = threading.Thread(target=lambda: there.append(plan.draw(3, samples, views, (3, 32, 32))))
+    thread.start()
+    thread.join()
+    assert np.array_equal(here, there[0]) and torch.equal(torch.default_generator.get_state(), state)
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    one_by_one = torch.stack([replay_view(images[i], transform, 3, int(i), int(v)) for i, v in zip(samples, views)])
+    assert torch.equal(plan.apply(images[samples], here), one_by_one)

@@ -176,7 +176,10 @@ transform = input_transform(build_augment(params.augment), data.mean, data.std)
 steps = -(-len(data.train) // params.distill.batch_size)
 real_loss, calls = train.kd_loss, [0]
 for where in sys.argv[3:]:
-    workers, prefetch = {"read-ahead": (0, 4), "in-line": (0, 0), "workers": (2, 0)}[where]
+    workers, prefetch = {"read-ahead": (0, 4), "in-line": (0, 0), "workers": (2, 0), "batches-ahead": (0, 4)}[where]
+    if where == "batches-ahead":  # crops and flips: replayed in a thread beside the step, and the store read ahead
+        crop_flip = [{"RandomCrop": {"size": 8, "padding": 1}}, {"RandomHorizontalFlip": {}}]
+        transform = input_transform(build_augment(crop_flip), data.mean, data.std)
     for position in list(range(6)) + list(range(steps - 6, steps)) + [steps + 2, 2 * steps - 1]:
         calls[0] = 0
 
@@ -214,7 +217,7 @@ print("ok")
 '''
 
 
-@pytest.mark.parametrize("where", ["read-ahead", "workers"])
+@pytest.mark.parametrize("where", ["read-ahead", "workers", "batches-ahead"])
 def test_a_step_failing_at_any_position_ends_every_thread_and_worker(made, where):
     """A NaN loss at each of the first and last batches of an epoch (the read-ahead queue full, or draining):
     the run stops with its DivergedError within seconds, and no thread or worker process is left."""
