@@ -3,8 +3,10 @@
 Usage: python bench/student_speed.py [--repeats 3] [--students tiny_cnn,resnet20] [--device cpu|cuda]
                                      [--settings off,bfloat16] [--append BENCHMARKS.md] [--json bench/results.json]
 
-Per student and setting (precision, channels-last, compile), four variants, alternated in every repeat, each timing
-one epoch after a warm epoch (so a compile is paid in the warm epoch; its time is reported on its own):
+Per student and setting (precision, channels-last, compile), four variants, alternated in every repeat, each training
+V + 2 epochs of a store of V = 2 views (`view_schedule: cycle`): epoch 0 is the warm-up (a compile is paid there;
+its time is reported on its own), epoch 1 the first pass over view 1 (its crops and flips drawn), epoch V + 1 a
+later pass (the draws kept since: `ReplayDataset(memo_views=V)`), the steady state of a run of many epochs:
   memory  `pipeline.train.distill` from a store in memory (replay of crop + flip views, the loader, the store's
           reads, the step; the default run's path)
   ooc     the same from the store through its chunk cache with a memory budget of a tenth of the store
@@ -15,9 +17,10 @@ one epoch after a warm epoch (so a compile is paid in the warm epoch; its time i
           synchronisation every step (`loss.item()`), the replay in the training thread: `pipeline/` of git revision
           --today (default 645e227), exported to a temporary folder and run in a subprocess on the same data
 Synthetic uint8 images and a real zarr store of random float16 logits (speed does not depend on the values).
-Keys in results.json: distill_vs_oracle_<student>_<device>, distill_samples_per_s_<student>_<device> (memory),
-distill_ooc_vs_oracle_<student>_<device>, distill_today_vs_oracle_<student>_<device>,
-distill_vs_today_<student>_<device>; a setting other than float32 adds _<setting> to the key.
+Keys in results.json (the later pass; `_first` after `distill`: the first pass): distill_vs_oracle_<student>_<device>,
+distill_samples_per_s_<student>_<device> (memory), distill_ooc_vs_oracle_<student>_<device>,
+distill_today_vs_oracle_<student>_<device>, distill_vs_today_<student>_<device>; a setting other than float32 adds
+_<setting> to the key.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ if "--one" not in sys.argv:  # a `today` subprocess imports the old revision's p
 from output import publish  # noqa: E402
 
 # student: (C, H, W), classes, samples, views, batch; crop with padding + horizontal flip
-CPU_SETUPS = {"tiny_cnn": ((1, 8, 8), 10, 20_000, 4, 64, 1), "resnet20": ((3, 32, 32), 10, 2_000, 4, 64, 4)}
-GPU_SETUPS = {"resnet20": ((3, 32, 32), 10, 50_000, 4, 512, 4), "resnet18": ((3, 224, 224), 100, 5_000, 4, 256, 16)}
+CPU_SETUPS = {"tiny_cnn": ((1, 8, 8), 10, 20_000, 2, 64, 1), "resnet20": ((3, 32, 32), 10, 2_000, 2, 64, 4)}
+GPU_SETUPS = {"resnet20": ((3, 32, 32), 10, 50_000, 2, 512, 4), "resnet18": ((3, 224, 224), 100, 5_000, 2, 256, 16)}
 VARIANTS = ("memory", "ooc", "oracle", "today")
 SETTINGS = {  # name: (amp, channels_last, compile)
     "off": ("off", False, False), "bfloat16": ("bfloat16", False, False),
@@ -49,7 +52,7 @@ SETTINGS = {  # name: (amp, channels_last, compile)
 }
 
 
-def config(student: str, batch: int, amp: str, channels_last: bool, compiled: bool):
+def config(student: str, batch: int, amp: str, channels_last: bool, compiled: bool, views: int):
     import dataclasses
 
     from pipeline.params import DistillParams, EnsembleParams, OptimParams
@@ -60,7 +63,7 @@ def config(student: str, batch: int, amp: str, channels_last: bool, compiled: bo
     fields = {f.name for f in dataclasses.fields(DistillParams)}  # the old revision's (today) has none of recipe
     return DistillParams(student=student, student_options={}, teacher_source="cache", temperature=4.0,
                          kd_weight=1.0, ce_weight=1.0, view_schedule="cycle", shuffle_chunks=4, topk_tail="none",
-                         ensemble=EnsembleParams(weights=None, rule="probabilities"), epochs=2, batch_size=batch,
+                         ensemble=EnsembleParams(weights=None, rule="probabilities"), epochs=views + 2, batch_size=batch,
                          optimizer=optim, **{k: v for k, v in recipe.items() if k in fields})
 
 
@@ -85,8 +88,8 @@ class Data:
         self.store_bytes = self.samples * self.views * self.classes * 2
 
 
-def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) -> tuple[float, float]:
-    """(seconds of the second epoch, seconds of the first: the warm-up, with any compile) of `variant`."""
+def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) -> tuple[float, float, float]:
+    """Seconds of (the later pass: epoch V + 1, the first pass: epoch 1, the warm-up: epoch 0) of `variant`."""
     import torch
     from torchvision.transforms import v2
 
@@ -97,7 +100,7 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
     from pipeline.train import distill, store_targets
 
     amp, channels_last, compiled = SETTINGS[setting] if variant != "today" else SETTINGS["off"]
-    cfg = config(student, data.batch, amp, channels_last, compiled)
+    cfg = config(student, data.batch, amp, channels_last, compiled, data.views)
     model = build_model(student, data.shape[0], data.classes, image_size=data.shape[-1], seed=0)
     if variant == "oracle":
         return oracle(model, cfg, data, device)
@@ -117,10 +120,10 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
     distill(model, train, val, store_targets(store), transform, transform, 0, data.views, cfg, kd_weight=1.0, seed=0,
             device=device, chunk_samples=data.chunk, prefetch=PREFETCH if variant == "ooc" else 0, log=log,
             progress=False)
-    return marks[2] - marks[1], marks[1] - marks[0]
+    return marks[-1] - marks[-2], marks[2] - marks[1], marks[1] - marks[0]
 
 
-def today(student: str, data: Data, device, old: Path) -> tuple[float, float]:
+def today(student: str, data: Data, device, old: Path) -> tuple[float, float, float]:
     """`epoch_seconds("today", ...)` in a subprocess importing the old revision's `pipeline` from `old`."""
     import json
     import subprocess
@@ -144,8 +147,8 @@ def old_pipeline(revision: str, tmp: Path) -> Path:
     return old
 
 
-def oracle(model, cfg, data: Data, device) -> tuple[float, float]:
-    """Two epochs of the step alone on views and logits already on the device, in a seeded shuffled order."""
+def oracle(model, cfg, data: Data, device) -> tuple[float, float, float]:
+    """The epochs of the step alone on views and logits already on the device, in a seeded shuffled order."""
     import torch
 
     from pipeline.loss import kd_loss
@@ -178,7 +181,7 @@ def oracle(model, cfg, data: Data, device) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         marks.append(time.perf_counter())
-    return marks[2] - marks[1], marks[1] - marks[0]
+    return marks[-1] - marks[-2], marks[2] - marks[1], marks[1] - marks[0]
 
 
 def measure(students: list[str], settings: list[str], repeats: int, device_name: str, tmp: Path, old: Path):
@@ -192,30 +195,36 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
         data = Data(student, setups[student], tmp)
         for setting in settings:
             runs = {v: [] for v in VARIANTS}
+            first = {v: [] for v in VARIANTS}
             warm = {v: [] for v in VARIANTS}
             for r in range(repeats):
                 order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
                 for variant in order:
                     if variant == "today":
-                        seconds, first = today(student, data, device, old)
+                        later, first_pass, warm_up = today(student, data, device, old)
                     else:
-                        seconds, first = epoch_seconds(variant, student, data, setting, device)
-                    runs[variant].append(data.samples / seconds)
-                    warm[variant].append(first)
+                        later, first_pass, warm_up = epoch_seconds(variant, student, data, setting, device)
+                    runs[variant].append(data.samples / later)
+                    first[variant].append(data.samples / first_pass)
+                    warm[variant].append(warm_up)
                     click.echo(f"  {student} {setting} repeat {r + 1} {variant}: {runs[variant][-1]:,.0f} samples/s "
-                               f"(warm epoch {first:.1f} s)", err=True)
-            ratio = lambda a, b: statistics.median(p / q for p, q in zip(runs[a], runs[b]))  # noqa: E731
+                               f"(first pass {first[variant][-1]:,.0f}; warm epoch {warm_up:.1f} s)", err=True)
+            ratio = lambda a, b, of=runs: statistics.median(p / q for p, q in zip(of[a], of[b]))  # noqa: E731
             suffix = f"{student}_{device.type}" + ("" if setting == "off" else f"_{setting}")
             results[f"distill_vs_oracle_{suffix}"] = ratio("memory", "oracle")
             results[f"distill_samples_per_s_{suffix}"] = statistics.median(runs["memory"])
             results[f"distill_ooc_vs_oracle_{suffix}"] = ratio("ooc", "oracle")
             results[f"distill_today_vs_oracle_{suffix}"] = ratio("today", "oracle")
             results[f"distill_vs_today_{suffix}"] = ratio("memory", "today")
+            results[f"distill_first_vs_oracle_{suffix}"] = ratio("memory", "oracle", first)
+            results[f"distill_first_ooc_vs_oracle_{suffix}"] = ratio("ooc", "oracle", first)
             for variant in VARIANTS:
                 shown = "float32, sync per step" if variant == "today" else setting
                 rows.append(f"| {student} | {data.samples:,} x {data.views} views, batch {data.batch} | {shown} | "
-                            f"{variant} | {statistics.median(runs[variant]):,.0f} | {ratio(variant, 'oracle'):.2f} | "
-                            f"{ratio(variant, 'today'):.2f} | {statistics.median(warm[variant]):.1f} |")
+                            f"{variant} | {statistics.median(first[variant]):,.0f} | "
+                            f"{ratio(variant, 'oracle', first):.2f} | {statistics.median(runs[variant]):,.0f} | "
+                            f"{ratio(variant, 'oracle'):.2f} | {ratio(variant, 'today'):.2f} | "
+                            f"{statistics.median(warm[variant]):.1f} |")
     return rows, results
 
 
@@ -252,12 +261,14 @@ def main(repeats, students, settings, device_name, out, json_path, revision, one
     lines = ["", "## The student's step: `kd distill` against an oracle with no data path", "",
              f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
              f"{os.environ.get('OMP_NUM_THREADS', '1')} torch thread(s), device {device_name}, 0 DataLoader workers): "
-             f"one timed epoch after a warm one per variant, alternated, medians of {repeats}. memory: from a store "
+             "a store of 2 views, 4 epochs per variant: epoch 0 warm, epoch 1 the first pass (crops and flips "
+             "drawn), epoch 3 a later pass (draws kept), variants alternated, medians of "
+             f"{repeats}; x oracle and x today are medians of per-repeat ratios. memory: from a store "
              "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read-ahead); "
              "oracle: the same step on views and logits already on the device; today: the loop before issue 23 "
              f"(`pipeline/` of {revision}: float32, a host synchronisation every step). Crop with padding + flip views, replayed a batch at a time.", "",
-             "| student | data | setting | variant | samples/s | x oracle | x today | warm epoch s |",
-             "|---|---|---|---|---|---|---|---|", *rows]
+             "| student | data | setting | variant | first pass samples/s | x oracle | later pass samples/s | "
+             "x oracle | x today | warm epoch s |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
     publish(lines, results, out, json_path)
 
 

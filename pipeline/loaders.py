@@ -14,7 +14,7 @@ Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, device: torch.device,
-                collated: bool = False, pin: bool = True):
+                collated: bool = False, pin: bool = True, group: int = 1):
     """A DataLoader over `sampler`'s pairs in batches of `batch_size` (None: `sampler` yields whole batches);
     workers (if any) live as long as the loader. Batches are `(x, y, samples, views[, logits])`.
 
@@ -23,14 +23,57 @@ def make_loader(dataset, sampler, batch_size: int | None, num_workers: int, devi
     dataset replays `batched` (crops and flips of in-memory images), the workers send uint8 images and the
     drawn parameters, and x is replayed on `device` (`BatchReplay.apply`; the same tensors as view by view).
     `collated`: the dataset's `__getitems__` returns whole batches, passed on as they are. `pin` False: no pinned
-    memory (the dataset's images are already on the device: `resident`).
+    memory (the dataset's images are already on the device: `resident`). `group` k > 1 (a batch sampler, a batched
+    replay, no workers): k consecutive batches are fetched and replayed as one (each op's overhead paid once for
+    k batches), then cut back into the sampler's batches: the same tensors, row for row (`replay_group`).
     """
-    batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
     replayed = not collated and getattr(dataset, "batched", None) is not None
+    grouped = _Grouped(sampler, group) if group > 1 and batch_size is None and replayed and num_workers == 0 else None
+    batching = ({"batch_sampler": grouped or sampler} if batch_size is None
+                else {"sampler": sampler, "batch_size": batch_size})
     loader = DataLoader(dataset, **batching, num_workers=num_workers, persistent_workers=num_workers > 0,
                         pin_memory=pin and device.type == "cuda", generator=torch.Generator(),
                         **({"collate_fn": _as_is} if replayed or collated else {}))
-    return _Replayed(loader, device) if replayed else loader
+    return _Replayed(loader, device, grouped) if replayed else loader
+
+
+GROUP_BYTES = 32 << 20  # the most float32 view bytes one grouped replay makes at once (`replay_group`)
+GROUP_BATCHES = 16  # the most batches one grouped replay makes at once
+
+
+def replay_group(dataset, batch_size: int, num_workers: int) -> int:
+    """How many batches to replay as one (`make_loader(group=...)`): up to GROUP_BATCHES, within GROUP_BYTES of
+    views, where the loader may run beside the step (`thread_safe`'s conditions); else 1."""
+    plan = getattr(dataset, "batched", None)
+    if num_workers > 0 or plan is None or plan.resized is not None or not len(dataset.images):
+        return 1
+    view_bytes = 4 * dataset.images[0].numel()  # float32; crops only shrink it
+    return max(1, min(GROUP_BATCHES, GROUP_BYTES // max(1, batch_size * view_bytes)))
+
+
+class _Grouped(torch.utils.data.Sampler):
+    """The batches of the batch sampler `batches`, `k` consecutive ones joined into one list of pairs; each join's
+    batch sizes are queued in `sizes` for `_Replayed` to cut the replayed group back (no workers: in order)."""
+
+    def __init__(self, batches, k: int):
+        import collections
+
+        self.batches, self.k, self.sizes = batches, k, collections.deque()
+
+    def __iter__(self):
+        self.sizes.clear()
+        group = []
+        for batch in self.batches:
+            group.append(batch)
+            if len(group) == self.k:
+                yield self._join(group)
+                group = []
+        if group:
+            yield self._join(group)
+
+    def _join(self, group: list) -> list:
+        self.sizes.append([len(b) for b in group])
+        return [pair for batch in group for pair in batch]
 
 
 RESIDENT_SHARE = 0.25  # in-memory images move to the GPU when they take at most this share of its free memory
@@ -52,17 +95,25 @@ def _as_is(batch):
 
 
 class _Replayed:
-    """A loader of `batched` ReplayDataset batches, each replayed on `device` as it is taken."""
+    """A loader of `batched` ReplayDataset batches, each replayed on `device` as it is taken (a group of batches at
+    once, then cut into them, with `grouped`)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader: DataLoader, device: torch.device, grouped: "_Grouped | None" = None):
+        self.loader, self.device, self.grouped = loader, device, grouped
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader.batch_sampler.batches if self.grouped is not None else self.loader)
 
     def __iter__(self):
         for items in self.loader:
-            yield self.loader.dataset.collate(items, self.device)
+            batch = self.loader.dataset.collate(items, self.device)
+            if self.grouped is None:
+                yield batch
+                continue
+            first = 0
+            for size in self.grouped.sizes.popleft():
+                yield tuple(t[first:first + size] for t in batch)
+                first += size
 
 
 class RankBatches(torch.utils.data.Sampler):

@@ -348,6 +348,9 @@ def replay_device(images, transform, device: torch.device) -> str:
     return device.type if plan is not None and plan.resized is not None else "cpu"
 
 
+MEMO_BYTES = 256 << 20  # the most a ReplayDataset keeps of drawn crop and flip parameters (`memo_views`)
+
+
 class ReplayDataset(torch.utils.data.Dataset):
     """Indexed by `(sample, view)` pairs; yields `(view tensor, label, sample, view)`.
 
@@ -357,16 +360,24 @@ class ReplayDataset(torch.utils.data.Dataset):
     whole samples, so every image is decoded once per run. Where `BatchReplay` supports the augmentation and the
     images share one size (arrays; image folders, whose images `load_dataset` makes one size), a batch is the
     distinct uint8 images, which view takes which, and the drawn parameters, and the loader replays them on the
-    training device (`batched`; the same tensors either way).
+    training device (`batched`; the same tensors either way). `memo_views` V > 0 (crops and flips only): the drawn
+    parameters of views 0..V-1 are kept (int32, at most MEMO_BYTES) once drawn, so a run cycling through a store's V
+    views draws each once (the draws cost ~20 us a view; a kept row is the same row).
     """
 
     def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None, batched: bool = True,
-                 mix=None, num_classes: int = 0):
+                 mix=None, num_classes: int = 0, memo_views: int = 0):
         from pipeline import mix as mixing
 
         self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self.targets = targets  # optional: an object with read(samples, views) -> (B, C) teacher logits
         self.batched = BatchReplay.of(transform) if batched and one_size(images) else None
+        self.memo = None  # the drawn parameters of views 0..memo_views - 1 of every sample, kept once drawn
+        if self.batched is not None and self.batched.resized is None and memo_views > 0:
+            columns = 4 + 2 * len(self.batched.steps)
+            if len(labels) * memo_views * columns * 4 <= MEMO_BYTES:
+                self.memo = (np.zeros((len(labels), memo_views, columns), np.int32),
+                             np.zeros((len(labels), memo_views), bool))
         self.mix, self.num_classes, self.view_size = (mixing.as_spec(mix) if mixing.enabled(mix) else None), \
             num_classes, None
         if len(images):  # every stage's replay starts here: refuse a transform the images do not fit, before any work
@@ -418,7 +429,7 @@ class ReplayDataset(torch.utils.data.Dataset):
                 images = self.images[torch.from_numpy(distinct)]
             else:
                 images = torch.stack([self.images[int(i)] for i in distinct])
-            params = self.batched.draw(self.seed, replayed_samples, replayed_views, images.shape[1:])
+            params = self._draw(replayed_samples, replayed_views, images.shape[1:])
             batch = (images, which, params, mixes, labels, samples, views)
             return batch if logits is None else (*batch, logits)
         read = [self.images[int(i)] for i in distinct]
@@ -431,6 +442,25 @@ class ReplayDataset(torch.utils.data.Dataset):
         if logits is None:
             return items
         return [(*item, row) for item, row in zip(items, torch.from_numpy(logits))]
+
+    def _draw(self, samples: np.ndarray, views: np.ndarray, shape) -> np.ndarray:
+        """`self.batched.draw`, through the memo where there is one: views below memo_views are drawn once per run
+        (a pure function of (seed, sample, view), so a kept row is the row drawn again)."""
+        if self.memo is None:
+            return self.batched.draw(self.seed, samples, views, shape)
+        table, drawn = self.memo
+        kept = views < table.shape[1]
+        missing = kept.copy()
+        missing[kept] = ~drawn[samples[kept], views[kept]]
+        if missing.any():
+            rows = self.batched.draw(self.seed, samples[missing], views[missing], shape)
+            table[samples[missing], views[missing]] = rows
+            drawn[samples[missing], views[missing]] = True
+        out = np.empty((len(samples), table.shape[2]), np.int64)
+        out[kept] = table[samples[kept], views[kept]]
+        if not kept.all():
+            out[~kept] = self.batched.draw(self.seed, samples[~kept], views[~kept], shape)
+        return out
 
     def _mixed(self, own: list, partners: list, mixes) -> list:
         """Views mixed one by one (`pipeline.mix.mix_pixels`), each checked to have the one size mixing needs."""

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from pipeline import KDError, distributed
 from pipeline.cache import prepare_teacher, teacher_forward
 from pipeline.data import Split, ViewDataset
-from pipeline.loaders import (RankBatches, Targets, ahead, close_loader, make_loader, prefetched, resident,
-                             thread_safe)
+from pipeline.loaders import (RankBatches, Targets, ahead, close_loader, make_loader, prefetched, replay_group,
+                             resident, thread_safe)
 from pipeline.loss import kd_loss
 from pipeline.params import DistillParams, OptimParams
 from pipeline.resume import Resume, capture, restore
@@ -160,12 +160,13 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
             model.train()
             sampler.epoch = epoch
             totals = Totals(device, "teacher training", epoch, optim.lr)
-            for x, y, _, _ in loader:
-                y = y.to(device, non_blocking=True)
-                logits = step.forward(x)
-                loss = nn.functional.cross_entropy(logits.float(), y)
-                step.update(loss)
-                totals.add(loss, logits, y)
+            with closing(_beside(loader)) as batches:
+                for x, y, _, _ in batches:
+                    y = y.to(device, non_blocking=True)
+                    logits = step.forward(x)
+                    loss = nn.functional.cross_entropy(logits.float(), y)
+                    step.update(loss)
+                    totals.add(loss, logits, y)
             schedule.step()
             loss_sum, correct, seen = totals.values()
             metrics = {"loss": loss_sum / seen, "train_acc": correct / seen,
@@ -175,6 +176,32 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
         close_loader(loader)
         close_loader(val_loader)
     return step.result.eval()
+
+
+class _InLine:
+    """A loader iterated in the training thread, with the `close()` of the generator `ahead` gives."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def close(self) -> None:
+        pass
+
+
+def _stored(targets) -> bool:
+    """Whether `targets` are a store's (or an ensemble of stores') logits, which the batches-ahead thread reads with
+    the views (a group of batches at once; a store larger than memory through its chunk cache)."""
+    members = getattr(targets, "members", [targets])  # a `pipeline.ensemble.Ensemble`: its teachers
+    return all(isinstance(m, StoreTargets) for m in members)
+
+
+def _beside(loader):
+    """`loader`'s batches made BATCHES_AHEAD ahead in a thread where that is safe (`pipeline.loaders.thread_safe`),
+    else in line; close() ends the thread (joined) either way."""
+    return ahead(loader, BATCHES_AHEAD) if thread_safe(loader) else _InLine(loader)
 
 
 def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: EpochLog,
@@ -292,14 +319,18 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
     # a store larger than memory is read in the DataLoader workers, beside the training step, when there are any
     in_workers = bool(kd_weight and num_workers > 0 and hasattr(targets, "in_workers") and not targets.in_memory)
     dataset = ReplayDataset(train.images, train.labels, transform, replay_seed,
-                            targets.in_workers(num_workers) if in_workers else None, mix=mix, num_classes=num_classes)
+                            targets.in_workers(num_workers) if in_workers else None, mix=mix, num_classes=num_classes,
+                            memo_views=num_views if cfg.view_schedule != "fresh" else 0)
     on_device = dataset.batched is not None and resident(train.images, device, num_workers)
     if on_device:  # each batch's images gathered on the device: no per-batch host copy
         dataset.images = train.images.to(device)
     window = cfg.shuffle_chunks * chunk_samples
     batches = RankBatches(lambda e: epoch_pairs(cfg.view_schedule, num_views, len(train), e, seed, window),
                           cfg.batch_size, me, world)
-    loader = make_loader(dataset, batches, None, num_workers, device, pin=not on_device)
+    group = replay_group(dataset, cfg.batch_size, num_workers)
+    loader = make_loader(dataset, batches, None, num_workers, device, pin=not on_device, group=group)
+    if kd_weight and not in_workers and thread_safe(loader) and _stored(targets):
+        dataset.targets, in_workers = targets, True  # the logits read with the views, beside the step
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
     read_ahead = bool(kd_weight and not in_workers and prefetch > 0)
@@ -309,9 +340,9 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             model.train()
             batches.epoch = epoch
             totals = Totals(device, what, epoch, cfg.optimizer.lr, finite_every)  # this rank's real samples
-            source = ahead(loader, BATCHES_AHEAD) if thread_safe(loader) else loader  # replay beside the step
-            with closing(prefetched(source, targets if kd_weight and not in_workers else None,
-                                    prefetch if read_ahead else 0, batches)) as items:
+            source = _beside(loader)
+            with closing(source), closing(prefetched(source, targets if kd_weight and not in_workers else None,
+                                                     prefetch if read_ahead else 0, batches)) as items:
                 for index, (batch, teacher_logits) in enumerate(items):
                     x, y, samples, views = batch[:4]
                     if in_workers:

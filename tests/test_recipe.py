@@ -197,7 +197,8 @@ def test_crops_and_flips_replay_beside_the_step_and_nothing_else_does(train_subs
 def test_replaying_beside_the_step_trains_the_same_dropout_student_bit_for_bit(cfg, float32_store, train_subset,
                                                                                dataset):
     """A dropout student draws its masks from the global generator every step while the thread replays the next
-    batches: the weights equal those of the same run replaying in the training thread."""
+    batches (groups of them at once, the store's logits read with them): the weights equal those of the same run
+    replaying in the training thread, and a batch at a time."""
     from pipeline.data import input_transform
     from pipeline.replay import build_augment
 
@@ -221,13 +222,16 @@ def test_replaying_beside_the_step_trains_the_same_dropout_student_bit_for_bit(c
     finally:
         train.ahead = original
     assert len(threads) == 3  # one per epoch
-    original_safe = train.thread_safe
+    original_safe, original_group = train.thread_safe, train.replay_group
     train.thread_safe = lambda loader: False
     try:
-        in_line = trained()
+        in_line = trained()  # replayed in groups of batches, in the training thread, logits read in line
+        train.replay_group = lambda *args: 1
+        one_by_one = trained()  # a batch at a time, as before issue 23
     finally:
-        train.thread_safe = original_safe
+        train.thread_safe, train.replay_group = original_safe, original_group
     assert_equal_weights(beside, in_line)
+    assert_equal_weights(beside, one_by_one)
 
 
 def test_a_failure_making_a_batch_ahead_is_raised_in_the_training_thread():

@@ -194,3 +194,22 @@ def test_batched_crops_and_flips_draw_the_same_in_another_thread_and_leave_the_g
     images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     one_by_one = torch.stack([replay_view(images[i], transform, 3, int(i), int(v)) for i, v in zip(samples, views)])
     assert torch.equal(plan.apply(images[samples], here), one_by_one)
+
+
+def test_kept_draws_are_the_draws_made_again():
+    """`memo_views`: a batch's parameters through the memo (first drawn, then kept, and views past the memo drawn
+    each time) equal those drawn afresh, for repeated and mixed pairs."""
+    from pipeline.replay import ReplayDataset
+
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(40) % 10
+    transform = input_transform(build_augment(CROPS_AND_FLIPS["cifar"]), (0.5,) * 3, (0.2,) * 3)
+    fresh = ReplayDataset(images, labels, transform, 3)
+    kept = ReplayDataset(images, labels, transform, 3, memo_views=2)
+    assert kept.memo is not None and fresh.memo is None
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        pairs = list(zip(rng.integers(40, size=30).tolist(), rng.integers(4, size=30).tolist()))  # views 2, 3: past it
+        a, b = fresh.__getitems__(pairs), kept.__getitems__(pairs)
+        assert np.array_equal(a[2], b[2]) and torch.equal(fresh.collate(a)[0], kept.collate(b)[0])
+    assert kept.memo[1].any() and not kept.memo[1].all()

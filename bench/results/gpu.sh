@@ -6,6 +6,10 @@ set -euo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi -L
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'zarr', zarr.__version__, torch.cuda.get_device_name())"
+# issue 23 first: the student's step against the oracle (resnet20 at batch 512 and resnet18 at 224 px; bfloat16,
+# channels-last, with and without torch.compile), then the cache benches
+python3 bench/student_speed.py --device cuda --repeats ${SPEED_REPEATS:-2} --settings bfloat16_cl,bfloat16_cl_compile \
+    --append "$OUT/gpu_student.md" --json "$OUT/gpu.json"
 python3 bench/replay_check.py --device cuda
 # issue 15's pair: an ImageNet-like JPEG folder (made here; 2,500 images, 2,025 of them training), resnet50 at 224
 python3 bench/imagefolder_cache.py --device cuda --teacher resnet50 --amp bfloat16 --images 2500 --samples 2000 \
