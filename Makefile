@@ -36,6 +36,7 @@ bench: install
 	python bench/cache_throughput.py --append BENCHMARKS.md --json bench/results.json
 	python bench/zarr_codecs.py --append BENCHMARKS.md --json bench/results.json
 	python bench/distill_ooc.py --append BENCHMARKS.md --json bench/results.json
+	OMP_NUM_THREADS=1 python bench/student_speed.py --append BENCHMARKS.md --json bench/results.json
 
 clean:
 	rm -rf models cache reports

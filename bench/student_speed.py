@@ -42,7 +42,7 @@ if "--one" not in sys.argv:  # a `today` subprocess imports the old revision's p
 from output import publish  # noqa: E402
 
 # student: (C, H, W), classes, samples, views, batch; crop with padding + horizontal flip
-CPU_SETUPS = {"tiny_cnn": ((1, 8, 8), 10, 20_000, 2, 64, 1), "resnet20": ((3, 32, 32), 10, 2_000, 2, 64, 4)}
+CPU_SETUPS = {"tiny_cnn": ((1, 8, 8), 10, 20_000, 2, 64, 1), "resnet20": ((3, 32, 32), 10, 1_024, 2, 64, 4)}
 GPU_SETUPS = {"resnet20": ((3, 32, 32), 10, 50_000, 2, 512, 4), "resnet18": ((3, 224, 224), 100, 5_000, 2, 256, 16)}
 VARIANTS = ("memory", "ooc", "oracle", "today")
 SETTINGS = {  # name: (amp, channels_last, compile)
