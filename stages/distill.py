@@ -85,7 +85,10 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
         resume = resume_at(out, params.seed, dataclasses.asdict(params.data), augment, replay_seed, num_views,
                            params.cache.chunk_samples, params.cache.amp, _run_fields(cfg, len(teachers)), baseline,
                            facts, *([as_spec(params.mix)] if enabled(params.mix) else []),
-                           *([resolve_train_amp(cfg.amp, device)] if cfg.amp == "auto" else []))
+                           *([resolve_train_amp(cfg.amp, device)] if cfg.amp == "auto" else []),
+                           # everything that makes the targets: each store's whole metadata (dtype, storage, top-K,
+                           # the teacher's precision, the replay device, ...), so a store written anew is another run
+                           *([[store.meta.to_attrs() for store in stores]] if stores else []))
         with live_log(live_dir if me == 0 else None) as log:
             student = run_distill(student, data.train, data.val, targets, transform, eval_transform, replay_seed,
                                   num_views, cfg, kd_weight=0.0 if baseline else cfg.kd_weight, seed=params.seed,

@@ -79,18 +79,34 @@ def test_changing_temperature_keeps_cache(teacher, train_subset, tmp_path):
 
 
 def test_worker_processes_never_change_the_student(teacher, train_subset, dataset, tmp_path):
-    """num_workers is no stage parameter: views are seeded per (sample, view), and the loader draws its
-    worker seeds from its own generator, so dropout's random stream is the same with or without workers."""
+    """num_workers is no stage parameter: views are seeded per (sample, view), and the training and validation
+    loaders draw their worker seeds from generators of their own, so dropout's random stream is the same with or
+    without workers, in every epoch (a persistent validation loader with workers is started once, one without
+    every epoch: either would shift the global stream from the second epoch on if it drew from it)."""
     store = LogitStore(make_store(tmp_path / "s.zarr", "zarr", "float32", teacher, train_subset))
     cfg = load_params(write_params(tmp_path / "p.yaml", **{
-        "distill.epochs": 2, "distill.batch_size": 16, "distill.view_schedule": "random",
+        "distill.epochs": 3, "distill.batch_size": 16, "distill.view_schedule": "random",
         "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})).distill
     weights = []
-    for workers in (0, 1):
+    for workers in (0, 2):
         student = build_model("mlp", 1, 10, {"hidden_sizes": [32], "dropout": 0.5}, 8, seed=0)
         distill(student, train_subset, dataset.val, store_targets(store), TRANSFORM, EVAL, 7, 3, cfg, kd_weight=1.0,
                 seed=0, device=CPU, num_workers=workers)
         weights.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_worker_processes_never_change_the_teacher(train_subset, dataset):
+    """The same for `kd teacher`'s training: a dropout teacher over 3 epochs, with 0 and 2 workers."""
+    from conftest import ADAM
+    from pipeline.train import train_teacher
+
+    weights = []
+    for workers in (0, 2):
+        model = build_model("mlp", 1, 10, {"hidden_sizes": [32], "dropout": 0.5}, 8, seed=0)
+        train_teacher(model, train_subset, dataset.val, TRANSFORM, EVAL, epochs=3, batch_size=16, optim=ADAM, seed=0,
+                      device=CPU, num_workers=workers)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
 
 

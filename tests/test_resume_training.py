@@ -160,6 +160,36 @@ def test_a_checkpoint_of_another_run_is_not_used(made, tmp_path):
     assert_same_run(out, fresh)
 
 
+def test_a_store_written_anew_makes_the_checkpoint_another_runs(made, tmp_path):
+    """The same `kd distill` command after its store was re-cached at the same path with other settings (here
+    float32 instead of float16): the checkpoint belongs to the old store's targets, so it is not resumed, and the
+    run ends with a fresh run's weights."""
+    import shutil
+
+    import yaml
+
+    root, params = made
+    store, out, fresh = tmp_path / "s.zarr", tmp_path / "s.pt", tmp_path / "fresh.pt"
+    float32 = tmp_path / "float32.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["cache"]["dtype"] = "float32"
+    float32.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def distill(params_path, output, kill=None):
+        return run(["distill", "--params", params_path, "--teacher", root / "teacher.pt", "--cache", store,
+                    "--out", output, "--live-dir", output.with_suffix(".live")], kill_after_epochs=kill)
+
+    run(["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", store])
+    distill(params, out, kill=2)
+    assert Path(f"{out}.resume").exists()
+    shutil.rmtree(store)
+    run(["cache", "--params", float32, "--teacher", root / "teacher.pt", "--out", store])
+    text = distill(float32, out)
+    assert "checkpoint of another run" in text and "Resuming" not in text
+    distill(float32, fresh)
+    assert_same_run(out, fresh)
+
+
 FAILING_STEP = r'''
 import multiprocessing, sys, threading, time
 import torch
