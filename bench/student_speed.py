@@ -48,7 +48,7 @@ VARIANTS = ("memory", "ooc", "oracle", "today")
 SETTINGS = {  # name: (amp, channels_last, compile)
     "off": ("off", False, False), "bfloat16": ("bfloat16", False, False),
     "bfloat16_cl": ("bfloat16", True, False), "bfloat16_cl_compile": ("bfloat16", True, True),
-    "off_compile": ("off", False, True),
+    "off_compile": ("off", False, True), "off_cl": ("off", True, False),
 }
 
 

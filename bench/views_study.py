@@ -60,9 +60,10 @@ ROW_MIX = {"cache_mix": MIX, "fresh_mix": MIX, "cache_fm": MIX, "cache_cutmix": 
 # the training recipe (issue 23): the same stores as the plain rows, the student trained otherwise
 ROW_RECIPE = {"cache_bf16": ["distill.amp=bfloat16"],
               "cache_ema": ["distill.ema=0.99", "distill.optimizer.warmup_epochs=2"],
-              "cache_ema9": ["distill.ema=0.9", "distill.optimizer.warmup_epochs=2"]}
+              "cache_ema9": ["distill.ema=0.9", "distill.optimizer.warmup_epochs=2"],
+              "cache_warm": ["distill.optimizer.warmup_epochs=2"]}
 STORE_OF = {"cache_fm": "cache_mix", "cache_bf16": "cache", "cache_ema": "cache",  # rows reading another row's stores
-            "cache_ema9": "cache"}
+            "cache_ema9": "cache", "cache_warm": "cache"}
 
 
 @click.command()
@@ -77,7 +78,7 @@ STORE_OF = {"cache_fm": "cache_mix", "cache_bf16": "cache", "cache_ema": "cache"
 @click.option("--rows", default="alone,cache,cache_mix,fresh,fresh_mix", show_default=True,
               help="Also: cache_fm (MixUp stores, ce_weight 0), cache_cutmix (CutMix stores), cache_bf16 (the plain "
                    "stores, distill.amp bfloat16), cache_ema / cache_ema9 (the plain stores, an EMA of decay 0.99 / 0.9 "
-                   "and 2 warm-up epochs).")
+                   "and 2 warm-up epochs), cache_warm (the warm-up alone).")
 @click.option("--table", is_flag=True, help="Only print the table of OUT/runs.jsonl.")
 def main(data_root, out, subset, teacher_subset, teacher_epochs, epochs, seeds, views, rows, table):
     out = Path(out).resolve()
@@ -150,6 +151,7 @@ LABELS = {"alone": "student alone (fresh crop + flip every epoch)", "cache": "fr
           "cache_bf16": "the same, trained in bfloat16 autocast (`distill.amp: bfloat16`)",
           "cache_ema": "the same, with an EMA of the weights (decay 0.99) and 2 warm-up epochs",
           "cache_ema9": "the same, with an EMA of the weights (decay 0.9) and 2 warm-up epochs",
+          "cache_warm": "the same, with 2 warm-up epochs and no EMA",
           "fresh": "teacher live, a fresh view every epoch", "fresh_mix": "teacher live, a fresh mixed view every epoch"}
 
 
