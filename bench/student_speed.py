@@ -10,7 +10,7 @@ later pass (the draws kept since: `ReplayDataset(memo_views=V)`), the steady sta
   memory  `pipeline.train.distill` from a store in memory (replay of crop + flip views, the loader, the store's
           reads, the step; the default run's path)
   ooc     the same from the store through its chunk cache with a memory budget of a tenth of the store
-          (`memory_mb`), windowed shuffle and read-ahead, as `kd distill` reads a store larger than memory
+          (`memory_mb`) and the windowed shuffle, as `kd distill` reads a store larger than memory
   oracle  the same model, optimiser, precision, memory format and compile setting (`pipeline.step.Step` and
           `kd_loss`), stepping on views and teacher logits already on the device: no loader, no store, no replay
   today   the loop as it was before the recipe (issue 23): float32, channels-first, no compile, a host
@@ -278,7 +278,8 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
              "a store of 2 views, 4 epochs per variant: epoch 0 warm, epoch 1 the first pass (crops and flips "
              "drawn), epoch 3 a later pass (draws kept), variants alternated, medians of "
              f"{repeats}; x oracle and x today are medians of per-repeat ratios. memory: from a store "
-             "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read-ahead); "
+             "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read with the "
+             "views in the thread beside the step); "
              "oracle: the same step on views and logits already on the device; today: the loop before issue 23 "
              f"(`pipeline/` of {revision}: float32, a host synchronisation every step). Crop with padding + flip views, replayed a batch at a time.", "",
              "| student | data | setting | variant | first pass samples/s | x oracle | later pass samples/s | "
