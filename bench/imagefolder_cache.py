@@ -8,7 +8,7 @@ On a GPU (issue 15's pair, key cache_vs_teacher_forward_imagefolder_gpu; bench/r
 
 The data is made here, once (nothing is downloaded): `--images` JPEGs of 500x375 px at quality 90 in
 `<data>/train/c<k>/*.jpg` (image j in class j mod `--classes`), each a real image upsampled with PIL (bicubic):
-CIFAR-10's JPEGs from /work/shared/data/cifar10-jpg.tar.gz (read in place), or where that is absent tiles of
+CIFAR-10's JPEGs from ../shared/data/cifar10-jpg.tar.gz beside the repository (read in place), or where that is absent tiles of
 scikit-learn's two sample photographs. A marker file lets later runs reuse the folder.
 
 Params as a user sets them: `data.name: imagefolder`, `data.image_size: 256` (decode, shorter side to 256,
