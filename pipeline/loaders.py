@@ -41,11 +41,19 @@ GROUP_BYTES = 32 << 20  # the most float32 view bytes one grouped replay makes a
 GROUP_BATCHES = 16  # the most batches one grouped replay makes at once
 
 
+def replays_anywhere(dataset, num_workers: int) -> bool:
+    """Whether batches of `dataset` may be made outside the training thread: with no worker processes, by a
+    ReplayDataset replayed a batch at a time (`batched`) by crops and flips only, whose draws use a generator of
+    their own (`BatchReplay.draw`); a RandomResizedCrop or view-by-view replay reseed the global generator, which the
+    training thread's dropout draws from, so they stay in the training thread."""
+    plan = getattr(dataset, "batched", None)
+    return num_workers == 0 and plan is not None and plan.resized is None
+
+
 def replay_group(dataset, batch_size: int, num_workers: int) -> int:
     """How many batches to replay as one (`make_loader(group=...)`): up to GROUP_BATCHES, within GROUP_BYTES of
-    views, where the loader may run beside the step (`thread_safe`'s conditions); else 1."""
-    plan = getattr(dataset, "batched", None)
-    if num_workers > 0 or plan is None or plan.resized is not None or not len(dataset.images):
+    views, where the batches may be made beside the step (`replays_anywhere`); else 1."""
+    if not replays_anywhere(dataset, num_workers) or not len(dataset.images):
         return 1
     view_bytes = 4 * dataset.images[0].numel()  # float32; crops only shrink it
     return max(1, min(GROUP_BATCHES, GROUP_BYTES // max(1, batch_size * view_bytes)))
@@ -196,7 +204,11 @@ def ahead(items, depth: int, name: str = "kd-batches-ahead"):
     An exception raised making an item is raised here, in its place. Whatever ends the iteration (the last item, an
     exception here or in the caller, `close()`), the thread is told to stop and joined before this generator
     returns: no put or get waits without a timeout on the other side, so nothing is left behind and nothing hangs.
+    depth 0: the items are made in line, in the caller's thread (no thread).
     """
+    if depth <= 0:
+        yield from items
+        return
     import queue
     import threading
 
@@ -242,13 +254,10 @@ def ahead(items, depth: int, name: str = "kd-batches-ahead"):
 
 
 def thread_safe(loader) -> bool:
-    """Whether `loader` (a `make_loader` result) may be iterated in a thread other than the training thread: with
-    no worker processes, over a ReplayDataset replayed a batch at a time (`batched`) by crops and flips only, whose
-    draws use a generator of their own (`BatchReplay.draw`); a RandomResizedCrop or view-by-view replay reseed the
-    global generator, which the training thread's dropout draws from, so they stay in the training thread."""
+    """Whether `loader` (a `make_loader` result) may be iterated in a thread other than the training thread
+    (`replays_anywhere` of its dataset)."""
     inner = getattr(loader, "loader", loader)
-    plan = getattr(getattr(inner, "dataset", None), "batched", None)
-    return inner.num_workers == 0 and plan is not None and plan.resized is None
+    return replays_anywhere(getattr(inner, "dataset", None), inner.num_workers)
 
 
 def close_loader(loader) -> None:

@@ -112,13 +112,12 @@ def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                     weight_decay=cfg.weight_decay)
-    milestones = cfg.lr_milestones
 
     def factor(epoch: int) -> float:
         if cfg.schedule == "cosine":
             main = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
         else:
-            passed = [f for m, f in zip(milestones, cfg.lr_factors) if epoch >= m]
+            passed = [f for m, f in zip(cfg.lr_milestones, cfg.lr_factors) if epoch >= m]
             main = passed[-1] if passed else 1.0
         if epoch < cfg.warmup_epochs:
             return main * (epoch + 1) / (cfg.warmup_epochs + 1)
@@ -178,19 +177,6 @@ def train_teacher(model: nn.Module, train: Split, val: Split, transform, eval_tr
     return step.result.eval()
 
 
-class _InLine:
-    """A loader iterated in the training thread, with the `close()` of the generator `ahead` gives."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def close(self) -> None:
-        pass
-
-
 def _stored(targets) -> bool:
     """Whether `targets` are a store's (or an ensemble of stores') logits, which the batches-ahead thread reads with
     the views (a group of batches at once; a store larger than memory through its chunk cache)."""
@@ -200,8 +186,8 @@ def _stored(targets) -> bool:
 
 def _beside(loader):
     """`loader`'s batches made BATCHES_AHEAD ahead in a thread where that is safe (`pipeline.loaders.thread_safe`),
-    else in line; close() ends the thread (joined) either way."""
-    return ahead(loader, BATCHES_AHEAD) if thread_safe(loader) else _InLine(loader)
+    else in line (`ahead` with depth 0); close() ends the thread (joined) either way."""
+    return ahead(loader, BATCHES_AHEAD if thread_safe(loader) else 0)
 
 
 def _resumed(resume: Resume | None, model: nn.Module, optimizer, schedule, log: EpochLog,
@@ -329,11 +315,13 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
                           cfg.batch_size, me, world)
     group = replay_group(dataset, cfg.batch_size, num_workers)
     loader = make_loader(dataset, batches, None, num_workers, device, pin=not on_device, group=group)
-    if kd_weight and not in_workers and thread_safe(loader) and _stored(targets):
-        dataset.targets, in_workers = targets, True  # the logits read with the views, beside the step
+    beside = kd_weight and not in_workers and thread_safe(loader) and _stored(targets)
+    if beside:  # the logits read with the views, in the batches-ahead thread
+        dataset.targets = targets
+    logits_in_batch = in_workers or beside
+    read_ahead = bool(kd_weight and not logits_in_batch and prefetch > 0)
     what = "distillation" if kd_weight else "baseline training"
     val_loader = eval_loader(val, eval_transform, num_workers) if me == 0 else None
-    read_ahead = bool(kd_weight and not in_workers and prefetch > 0)
     try:
         for epoch in tqdm(range(start, cfg.epochs), desc="distill" if kd_weight else "baseline", unit="epoch",
                           initial=start, total=cfg.epochs, disable=me != 0 or not progress):
@@ -341,11 +329,11 @@ def distill(student: nn.Module, train: Split, val: Split, targets: Targets, tran
             batches.epoch = epoch
             totals = Totals(device, what, epoch, cfg.optimizer.lr, finite_every)  # this rank's real samples
             source = _beside(loader)
-            with closing(source), closing(prefetched(source, targets if kd_weight and not in_workers else None,
+            with closing(source), closing(prefetched(source, targets if kd_weight and not logits_in_batch else None,
                                                      prefetch if read_ahead else 0, batches)) as items:
                 for index, (batch, teacher_logits) in enumerate(items):
                     x, y, samples, views = batch[:4]
-                    if in_workers:
+                    if logits_in_batch:
                         teacher_logits = batch[4]
                     real, scale = batches.share(index, len(train)) if world > 1 else (len(y), 1.0)
                     loss, logits = distill_step(model, optimizer, targets, x, y, samples, views, cfg.temperature,
