@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline import KDError
-from pipeline.models import build_model, checkpoint_model, is_checkpoint, is_torchvision, read_torch_file
+from pipeline.models import (build_model, check_fits, checkpoint_model, is_checkpoint, is_torchvision,
+                             read_torch_file, what_file)
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")  # where frameworks nest the weights, in this order
 PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -41,10 +42,9 @@ def load_teacher(path: str | Path, arch: str, options: dict | None, data) -> tup
     raw, metadata = _read(path)
     in_channels, image_size = data.image_shape[0], data.image_shape[-1]
     if is_checkpoint(raw):
+        check_values(raw["state_dict"], raw["state_dict"], path)
         model = checkpoint_model(raw, path)
-        if (raw["in_channels"], raw["num_classes"]) != (in_channels, data.num_classes):
-            raise KDError(f"{path}: teacher takes {raw['in_channels']} channels and predicts {raw['num_classes']} "
-                          f"classes; the dataset has {in_channels} and {data.num_classes}")
+        check_fits(raw, path, in_channels, data.num_classes)
         return model, raw, []
     state_dict, where = find_state_dict(raw, path)
     notes = []
@@ -64,6 +64,7 @@ def load_teacher(path: str | Path, arch: str, options: dict | None, data) -> tup
         notes.append(f"{path}: stripped the prefix {stripped!r} from all {len(state_dict)} weight names")
     check_classes(model, state_dict, path, data.num_classes)
     load_strict(model, state_dict, path, arch, options)
+    check_values(state_dict, model.state_dict(), path)
     cfg, source = pretrained_cfg(path, raw, metadata)
     notes += check_preprocessing(cfg, source, path, data)
     ckpt = {"arch": arch, "options": options, "image_size": image_size, "in_channels": in_channels,
@@ -76,7 +77,10 @@ def _read(path: Path) -> tuple[object, dict]:
     if path.suffix != ".safetensors":
         return read_torch_file(path), {}
     if not path.is_file():
-        raise KDError(f"{path}: checkpoint not found")
+        raise KDError(f"{path}: {what_file(path)}" if path.exists() else f"{path}: checkpoint not found")
+    kind = what_file(path)
+    if kind:
+        raise KDError(f"{path}: {kind}")
     from safetensors import safe_open
 
     try:
@@ -142,6 +146,23 @@ def check_classes(model: nn.Module, state_dict: dict, path: Path, num_classes: i
         raise KDError(f"{path}: the teacher predicts {weight.shape[0]} classes (its classifier {key} has shape "
                       f"{tuple(weight.shape)}); the dataset has {num_classes} classes. Bring a teacher trained on the "
                       "data's classes, in the data's order (an image folder's are its sorted folder names)")
+
+
+def check_values(state_dict: dict, own: dict, path: Path) -> None:
+    """Refuse weights that are integers where the model holds floating point (`own`: the model's state dict; a
+    cast would use them silently: quantised or wrongly exported weights), or that hold NaN or infinite values (a
+    teacher that diverged: every logit it gives would be NaN)."""
+    integral = [k for k, v in state_dict.items() if k in own and own[k].is_floating_point()
+                and not v.is_floating_point()]
+    if integral:
+        dtypes = sorted({str(state_dict[k].dtype).removeprefix("torch.") for k in integral})
+        raise KDError(f"{path}: {len(integral)} weights are {'/'.join(dtypes)}, not floating point ({_names(integral)}); "
+                      "expected the model's float weights: export them unquantised, as float32 (or float16/bfloat16)")
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise KDError(f"{path}: {len(broken)} weights hold NaN or infinite values ({_names(broken)}); the teacher is "
+                      "broken (its training diverged?) and every logit it gave would be NaN: bring a teacher whose "
+                      "weights are finite")
 
 
 def _names(keys: list[str]) -> str:

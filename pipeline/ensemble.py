@@ -13,6 +13,7 @@ Adding or dropping a teacher re-runs no teacher: each store stays as it is.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,6 +90,32 @@ def check_same_views(stores: list) -> None:
         raise KDError("the stores of an ensemble must hold logits for the same views (same data, augmentation, "
                       "mixing, replay seed and number of views), but:\n  " + "\n  ".join(problems) +
                       "\nre-cache the odd ones out with this run's params")
+
+
+def check_distinct(teacher_paths: list, teachers: list, cache_paths: list = ()) -> None:
+    """Refuse a store or a teacher given twice (by path, or the same weights under two paths): an ensemble of one
+    teacher twice is that teacher weighted double, which `distill.ensemble.weights` says openly."""
+    from pipeline.models import weights_fingerprint
+
+    def same(paths, key):
+        seen = {}
+        for path in paths:
+            if key(path) in seen:
+                return seen[key(path)], path
+            seen[key(path)] = path
+        return None
+
+    where = lambda p: str(p) if "://" in str(p) else str(Path(p).resolve())  # noqa: E731 (URLs as written)
+    twice = same(cache_paths, where)
+    if twice:
+        raise KDError(f"--cache {twice[1]} is given twice{'' if twice[0] == twice[1] else f' (as {twice[0]})'}: "
+                      "give each teacher's store once; to weigh a teacher more, set distill.ensemble.weights")
+    fingerprints = {str(p): weights_fingerprint(t) for p, t in zip(teacher_paths, teachers)}
+    twice = same([str(p) for p in teacher_paths], fingerprints.get)
+    if twice:
+        what = "is given twice" if where(twice[0]) == where(twice[1]) else f"holds the same weights as {twice[0]}"
+        raise KDError(f"--teacher {twice[1]} {what}: an ensemble of one teacher twice is that teacher weighted "
+                      "double; give each teacher once, and set distill.ensemble.weights to weigh one more")
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

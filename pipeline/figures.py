@@ -1,4 +1,5 @@
-"""The report's figures, as PNG files: training curves, confusion matrix, per-class accuracy, reliability diagram.
+"""The report's figures, as PNG files: training curves, confusion matrix, per-class accuracy, reliability diagram;
+and the axes every figure shares (epochs in whole numbers, log axes labelled in plain numbers).
 
 Each function draws one figure from plain numbers (no model, no file reading) and writes it atomically.
 """
@@ -37,6 +38,49 @@ def save_figure(fig, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def epoch_axis(axis) -> None:
+    """Ticks of a matplotlib `axis` counting epochs on whole numbers only (a 2-epoch run: 1, 2; never 1.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def log_axes(ax) -> None:
+    """Both axes of `ax` on a log scale, labelled in plain numbers (0.2, 0.5, 20, 50, never 2×10¹) however few
+    decades the data span: ticks at the powers of ten, else also at 2 and 5 times them, else at every multiple,
+    else (a span under a factor of about 2) evenly spaced; the finer multiples unlabelled, for the grid.
+    Set the data first: the ticks follow the axes' final limits."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(_readable_log_locator())
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_minor_locator(LogLocator(subs=np.arange(2.0, 10.0)))
+        axis.set_minor_formatter(NullFormatter())
+
+
+def _readable_log_locator():
+    """A matplotlib Locator for a log axis: the coarsest of `log_axes`'s tick sets that puts 3 ticks in view."""
+    from matplotlib.ticker import Locator, LogLocator, MaxNLocator
+
+    class ReadableLogLocator(Locator):
+        def __call__(self):
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin, vmax):
+            vmin, vmax = sorted((vmin, vmax))
+            for subs in ((1.0,), (1.0, 2.0, 5.0), np.arange(1.0, 10.0)):
+                ticks = LogLocator(subs=subs, numticks=100).tick_values(vmin, vmax)
+                ticks = ticks[(ticks >= vmin) & (ticks <= vmax)]
+                if len(ticks) >= 3:
+                    return ticks
+            return MaxNLocator(nbins=4).tick_values(vmin, vmax)
+
+    return ReadableLogLocator()
+
+
 def plot_training(histories: dict[str, dict[str, list[float]]], path: str | Path) -> None:
     """One PNG, three panels (loss, training accuracy, validation accuracy per epoch), a line per run.
 
@@ -54,6 +98,7 @@ def plot_training(histories: dict[str, dict[str, list[float]]], path: str | Path
                         marker="o" if len(values) == 1 else None)
                 drawn = True
         ax.set(title=title, xlabel="epoch")
+        epoch_axis(ax.xaxis)
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend()

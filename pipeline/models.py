@@ -228,19 +228,31 @@ def build_model(arch: str, in_channels: int, num_classes: int, options: dict | N
 
 
 def save_checkpoint(model: nn.Module, arch: str, in_channels: int, num_classes: int, path: str | Path,
-                    options: dict | None = None, image_size: int | None = None, ema: float | None = None) -> None:
+                    options: dict | None = None, image_size: int | None = None, ema: float | None = None,
+                    made_with: dict | None = None) -> None:
     """Write the checkpoint atomically (temp file, then rename), so a crash never leaves a partial file.
     `arch`, `options` and `image_size` are those the model was built with, so `load_checkpoint` can rebuild it.
     `ema`: the weights are an exponential moving average with this decay (`pipeline.step`), recorded as
-    `weights: {"ema": decay}`. Tensors are saved contiguous (a channels-last run's weights load anywhere)."""
+    `weights: {"ema": decay}`. `made_with`: the inputs that made the model, as paths (`live_dir`: its training
+    curves; `stores`, `teachers`: what it was distilled from), so `kd evaluate` finds them (`made_with`).
+    Tensors are saved contiguous (a channels-last run's weights load anywhere)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".partial")
     extra = {} if ema is None else {"weights": {"ema": ema}}
+    if made_with:
+        extra["made_with"] = {k: v for k, v in made_with.items() if v}
     torch.save({"arch": arch, "options": dict(options or {}), "image_size": image_size, "in_channels": in_channels,
                 "num_classes": num_classes, "state_dict": state, **extra}, tmp)
     tmp.replace(path)
+
+
+def made_with(ckpt: dict, key: str):
+    """What checkpoint `ckpt` records of the inputs that made it (`save_checkpoint`'s `made_with`): the value
+    of `key` (`live_dir`, `stores`, `teachers`), or None when it records none (older checkpoints, users' own)."""
+    recorded = ckpt.get("made_with")
+    return recorded.get(key) if isinstance(recorded, dict) else None
 
 
 CHECKPOINT_KEYS = ("arch", "in_channels", "num_classes", "state_dict")
@@ -248,21 +260,64 @@ CHECKPOINT_KEYS = ("arch", "in_channels", "num_classes", "state_dict")
 
 def read_torch_file(path: str | Path):
     """`torch.load(path, weights_only=True)` on CPU: tensors and plain containers only, never running code. A file
-    that is missing, unreadable, or needs pickled Python objects (a saved nn.Module, argparse.Namespace, ...) is a
-    KDError naming it."""
+    that is missing, unreadable, or needs pickled Python objects (a saved nn.Module, argparse.Namespace, os.system,
+    ...) is a KDError naming it and saying what the file is (`what_file`); it never advises unsafe loading."""
     path = Path(path)
     if not path.is_file():
-        raise KDError(f"{path}: checkpoint not found")
+        raise KDError(f"{path}: {what_file(path)}" if path.exists() else f"{path}: checkpoint not found")
+    kind = what_file(path)
+    if kind:
+        raise KDError(f"{path}: {kind}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt or foreign file
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        needs = re.search(r"GLOBAL ([\w.]+)", str(e))
         if needs:
             raise KDError(f"{path}: refused: loading it would run Python code (it pickles {needs[1]}); only tensors "
                           "and plain containers are read (torch.load weights_only=True). Re-save just the weights, "
                           "where you trust the file: torch.save(model.state_dict(), 'teacher.pt'), or "
                           "safetensors.torch.save_file(model.state_dict(), 'teacher.safetensors')") from None
-        raise KDError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise KDError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_torch_reason(e)}); expected "
+                      "a file written by torch.save, or a .safetensors file") from None
+
+
+def _torch_reason(e: Exception) -> str:
+    """torch.load's error without its advice (re-running with weights_only=False would run the file's code)."""
+    advice = ("weights_only", "Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not any(a in line for a in advice)]
+    return " ".join(lines).removeprefix("WeightsUnpickler error: ") or "no detail"
+
+
+def what_file(path: Path) -> str | None:
+    """Why `path` cannot be read as its suffix says (.safetensors: safetensors; any other: torch.save's), from what
+    it is, or None when it may be: a folder (naming the weight file inside a Hugging Face folder), an empty file, a
+    safetensors file under another suffix or a torch file under .safetensors, a Git LFS pointer, a text file."""
+    if path.is_dir():
+        inside = [name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        hint = f"point at {path / inside[0]}" if inside else "point at the weights file inside it"
+        return f"is a folder, not a checkpoint file; {hint}"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "is empty (0 bytes); expected a checkpoint written by torch.save or safetensors (was a copy cut short?)"
+    header = int.from_bytes(head[:8], "little")  # safetensors: the JSON header's length, then the header
+    if len(head) > 8 and head[8:9] == b"{" and 8 + header <= path.stat().st_size:
+        return None if path.suffix == ".safetensors" else (
+            f"is a safetensors file named {path.suffix or 'without a suffix'}; rename it to "
+            f"{path.with_suffix('.safetensors').name} (the suffix says how it is read)")
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") or head[:1] == b"\x80":  # torch's zip format, or a legacy pickle
+        return None if path.suffix != ".safetensors" else (
+            f"is a PyTorch checkpoint (torch.save) named .safetensors; rename it to {path.with_suffix('.pt').name}")
+    if head.startswith(b"version https://git-lfs"):
+        return "is a Git LFS pointer, not the weights; fetch them with `git lfs pull`"
+    if b"\0" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return (f"is a text file (it starts {text.strip()[:40]!r}), not a checkpoint; expected a file written by "
+                "torch.save or safetensors")
+    return None
 
 
 def is_checkpoint(obj) -> bool:
@@ -294,6 +349,24 @@ def checkpoint_model(ckpt: dict, path: str | Path) -> nn.Module:
     except RuntimeError as e:
         raise KDError(f"{path}: state_dict does not fit architecture {ckpt['arch']!r}: {e}") from None
     return model.eval()
+
+
+def check_fits(ckpt: dict, path: str | Path, in_channels: int, num_classes: int, role: str = "teacher") -> None:
+    """Refuse a checkpoint whose model takes another number of channels or predicts another number of classes than
+    the data has, naming both numbers: its logits could not be the data's classes (a cache of them would fail
+    mid-run, an accuracy over them would be silently meaningless)."""
+    if (ckpt["in_channels"], ckpt["num_classes"]) != (in_channels, num_classes):
+        raise KDError(f"{path}: the {role} ({ckpt['arch']!r}) takes {ckpt['in_channels']} channels and predicts "
+                      f"{ckpt['num_classes']} classes; the data has {in_channels} and {num_classes}: use a {role} "
+                      "made for this data (the same classes, in the same order), or set data.name / data.root to "
+                      f"the data it was made for")
+
+
+def load_for(path: str | Path, data, role: str = "teacher") -> tuple[nn.Module, dict]:
+    """`load_checkpoint(path)`, refused (`check_fits`) unless the model fits `data` (a `data.Dataset`)."""
+    model, ckpt = load_checkpoint(path)
+    check_fits(ckpt, path, data.image_shape[0], data.num_classes, role)
+    return model, ckpt
 
 
 def check_input_shape(model: nn.Module, ckpt: dict, path: str | Path, image_shape: tuple[int, int, int]) -> None:

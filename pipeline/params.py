@@ -46,7 +46,7 @@ class OptimParams:
     nesterov: bool
     weight_decay: float
     schedule: str
-    lr_milestones: list[int]
+    lr_milestones: list[Union[int, float]]  # epochs, or fractions of the epochs: `milestone_epochs`
     lr_factors: list[float]
     warmup_epochs: int = 0  # linear warm-up into the schedule (`pipeline.train.make_optimizer`)
     clip_grad_norm: Optional[float] = None  # clip the gradient's global norm to this (null: no clipping)
@@ -161,6 +161,43 @@ def _log_range(v) -> bool:
     return len(v) == 2 and all(_finite(b) for b in v) and 0 < v[0] < v[1]
 
 
+def milestone_epochs(milestones: list[int | float], epochs: int) -> list[int]:
+    """The epochs at which a step schedule's learning rate changes, from `lr_milestones`: an integer is that epoch;
+    a float f (a fraction of the run, 0 < f < 1) is epoch round(f x epochs), Python's round (to the nearest epoch, a
+    tie to the even one: 0.25 of 10 epochs is epoch 2). So `[0.9]` is the origin's 180 of 200 epochs and follows
+    `epochs` when a run is shortened. `load_params` refuses a mix, and fractions that round to equal epochs, to 0
+    or to `epochs` or more."""
+    return [round(m * epochs) if isinstance(m, float) else m for m in milestones]
+
+
+def _milestones_form(v) -> bool:
+    """Strictly increasing, and all epochs (integers >= 1) or all fractions (floats in (0, 1))."""
+    return v == sorted(set(v)) and (all(isinstance(m, int) and m >= 1 for m in v)
+                                    or all(isinstance(m, float) and 0 < m < 1 for m in v))
+
+
+def _milestone_problems(section: str, milestones: list[int | float], epochs: int) -> list[str]:
+    """What is wrong with a step schedule's well-formed `milestones` for a run of `epochs` (`milestone_epochs`)."""
+    key, at = f"{section}.optimizer.lr_milestones", milestone_epochs(milestones, epochs)
+    if not any(isinstance(m, float) for m in milestones):
+        if any(m >= epochs for m in milestones):
+            return [f"{key} {milestones} must be < {section}.epochs ({epochs}); a milestone at or past the last "
+                    "epoch has no effect"]
+        return []
+    problems, of, rounded = [], f"of {section}.epochs ({epochs})", f"(round(fraction x {epochs}))"
+    for i, (m, e) in enumerate(zip(milestones, at)):
+        if i and e == at[i - 1]:
+            problems.append(f"{key}: {milestones[i - 1]} and {m} {of} both fall on epoch {e} {rounded}; use "
+                            "fractions further apart, or more epochs")
+        elif e < 1:
+            problems.append(f"{key}: {m} {of} falls on epoch 0 {rounded}; a milestone must fall on an epoch >= 1 "
+                            "(at 0 the base lr is never used): use a larger fraction, or more epochs")
+        elif e >= epochs:
+            problems.append(f"{key}: {m} {of} falls on epoch {e} {rounded}, at or past the last epoch, where it has "
+                            "no effect; use a smaller fraction, or more epochs")
+    return problems
+
+
 def _optim_rules(section: str) -> list:
     return [
         (f"{section}.name", lambda v: v in ("adam", "adamw", "sgd"), "adam, adamw (decoupled weight decay) or sgd"),
@@ -169,8 +206,10 @@ def _optim_rules(section: str) -> list:
         (f"{section}.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         (f"{section}.weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
         (f"{section}.schedule", lambda v: v in ("step", "cosine"), "step or cosine"),
-        (f"{section}.lr_milestones", lambda v: v == sorted(set(v)) and all(m >= 1 for m in v),
-         "strictly increasing epochs >= 1"),
+        (f"{section}.lr_milestones", _milestones_form,
+         f"strictly increasing epochs (integers >= 1, e.g. [120]) or strictly increasing fractions of the epochs "
+         f"(numbers strictly between 0 and 1, e.g. [0.8]: epoch 0.8 x {section.split('.')[0]}.epochs), not a mix: "
+         "write them all as epochs or all as fractions"),
         (f"{section}.lr_factors", lambda v: all(_finite(f) and f > 0 for f in v), "finite numbers > 0"),
         (f"{section}.warmup_epochs", lambda v: v >= 0, "an integer >= 0 (0: no warm-up)"),
         (f"{section}.clip_grad_norm", lambda v: v is None or (_finite(v) and v > 0),
@@ -289,9 +328,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if opt.warmup_epochs is not INVALID and opt.warmup_epochs >= max(epochs, 1):
             problems.append(f"{section}.optimizer.warmup_epochs is {opt.warmup_epochs}; it must be < {section}.epochs "
                             f"({epochs}), or the run never reaches its learning rate")
-        if opt.schedule == "step" and any(m >= epochs for m in opt.lr_milestones):
-            problems.append(f"{section}.optimizer.lr_milestones {opt.lr_milestones} must be < {section}.epochs "
-                            f"({epochs}); a milestone at or past the last epoch has no effect")
+        if opt.schedule == "step" and _milestones_form(opt.lr_milestones):
+            problems += _milestone_problems(section, opt.lr_milestones, epochs)
     trials, refine = _get(params, "search.trials"), _get(params, "search.refine_trials")
     if INVALID not in (trials, refine) and trials == 0 and refine > 0:
         problems.append(f"search.refine_trials is {refine} but search.trials is 0; the refinement round draws around "

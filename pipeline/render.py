@@ -70,7 +70,8 @@ th, td { border: 1px solid #d0d7de; padding: .35em .75em; vertical-align: top; }
 th { background: #f6f8fa; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fafbfc; }
-code { background: #f6f8fa; padding: .1em .3em; border-radius: 4px; font-size: .9em; word-break: break-all; }
+code { background: #f6f8fa; padding: .1em .3em; border-radius: 4px; font-size: .9em; white-space: nowrap; }
+/* a name, path, command or fingerprint is one unit: never split, at a hyphen or a slash either */
 pre { background: #f6f8fa; padding: .8em 1em; border-radius: 6px; font-size: .95em; }
 figure { margin: 1.2em 0; } img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
 figcaption { color: #57606a; font-size: .9em; margin-top: .3em; }

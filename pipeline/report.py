@@ -142,6 +142,11 @@ def percent(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None or value != value else f"{100 * value:.{digits}f} %"
 
 
+def counted(count: int, noun: str) -> str:
+    """`count` and a `noun` made plural by an `s`, plural unless the count is one: `1 epoch`, `2 epochs`, `0 rounds`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def gap_text(metrics: dict) -> str:
     """The sentence on the share of the teacher-student gap that distillation closed."""
     gap, t, b = metrics["gap_closed"], metrics["teacher_acc"], metrics["baseline_acc"]
@@ -164,9 +169,9 @@ def reading_text(metrics: dict) -> str | None:
     if ahead > CLOSE_ERRORS:
         return None
     gap = 100 * (metrics["teacher_acc"] - metrics["baseline_acc"])
-    return (f"**What you are looking at:** the student alone is already within {max(ahead, 0)} test "
-            f"error{'s' if ahead != 1 else ''} of the teacher ({gap:+.2f} points on {metrics['test_samples']} test "
-            "images), so distillation has almost nothing to close here and a difference of one image "
+    return (f"**What you are looking at:** the student alone is already within "
+            f"{counted(max(ahead, 0), 'test error')} of the teacher ({gap:+.2f} points on {metrics['test_samples']} "
+            "test images), so distillation has almost nothing to close here and a difference of one image "
             f"({100 / metrics['test_samples']:.2f} points) is noise, whichever way it goes. Distillation pays where "
             "the student alone falls well short of the teacher: RESULTS.md measures it on CIFAR-10 "
             "(recipes/cifar10-origin.yaml, shortened: +1.37 test points over the student alone, in every one of 3 "
@@ -284,7 +289,7 @@ def search_section(search: dict | None, figure: Path | None, csv_path: str | Non
         best = (f"Best on validation: trial {search['best_trial']}, T = **{search['best_temperature']:g}**, λ = "
                 f"**{search['best_kd_weight']:g}**, validation accuracy **{percent(search['best_val_acc'])}** "
                 "(diverged trials never count).")
-    blocks = [f"{search['trials']} trials in {search['rounds']} round(s) (`{csv_path}`). " + best]
+    blocks = [f"{counted(search['trials'], 'trial')} in {counted(search['rounds'], 'round')} (`{csv_path}`). " + best]
     if figure is not None:
         blocks.append(Figure(figure, "Validation accuracy of the search's trials over temperature T and weight λ."))
     return Section("Hyperparameter search", blocks)

@@ -316,9 +316,8 @@ def best_summary(rows: list[dict]) -> dict:
 def plot_search(rows: list[dict], path: str | Path) -> None:
     """Validation accuracy over T (x) and λ (y), both log axes, colour = accuracy (with a colourbar); the first
     round as circles, the refinement as triangles, diverged trials as grey crosses, the best marked and labelled."""
-    import matplotlib.ticker
-
-    from pipeline.figures import pyplot, save_figure
+    from pipeline.figures import log_axes, pyplot, save_figure
+    from pipeline.report import counted
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5))
@@ -343,16 +342,13 @@ def plot_search(rows: list[dict], path: str | Path) -> None:
         ax.annotate(f"T = {best['temperature']:g}, λ = {best['kd_weight']:g}\n{100 * best['val_acc']:.2f} %",
                     (best["temperature"], best["kd_weight"]), xytext=(10, 10), textcoords="offset points",
                     color="red", fontsize=9)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):  # labels on the decades only: minor labels overlap on short ranges
-            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        log_axes(ax)  # plain-number labels, however few decades the trials span
         ax.legend(loc="best", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no trials" if not rows else "every trial diverged", ha="center",
                 transform=ax.transAxes)
-    ax.set(xlabel="temperature T", ylabel="kd_weight λ",
-           title=f"Validation accuracy of {len(rows)} trials ({rows[0]['epochs'] if rows else 0} epochs each)")
+    epochs = counted(rows[0]["epochs"] if rows else 0, "epoch")
+    ax.set(xlabel="temperature T", ylabel="kd_weight λ", title=f"Validation accuracy of {len(rows)} trials ({epochs} each)")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path)

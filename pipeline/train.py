@@ -102,7 +102,8 @@ def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
     scheduler steps once per epoch.
 
     The learning rate in epoch e is base lr x warm(e) x main(e). step: main(e) = lr_factors[k] from epoch
-    lr_milestones[k] on (1 before the first). cosine: main(e) = (1 + cos(pi e / epochs)) / 2. warm-up over
+    lr_milestones[k] on (1 before the first; a fraction of `epochs` is epoch round(fraction x epochs),
+    `pipeline.params.milestone_epochs`). cosine: main(e) = (1 + cos(pi e / epochs)) / 2. warm-up over
     W = warmup_epochs epochs: warm(e) = min(1, (e + 1) / (W + 1)), rising linearly into the main schedule, which
     it reaches at epoch W (W = 0: warm = 1, today's schedules exactly).
     """
@@ -113,11 +114,15 @@ def make_optimizer(model: nn.Module, cfg: OptimParams, epochs: int):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                     weight_decay=cfg.weight_decay)
 
+    from pipeline.params import milestone_epochs
+
+    milestones = milestone_epochs(cfg.lr_milestones, epochs)
+
     def factor(epoch: int) -> float:
         if cfg.schedule == "cosine":
             main = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
         else:
-            passed = [f for m, f in zip(cfg.lr_milestones, cfg.lr_factors) if epoch >= m]
+            passed = [f for m, f in zip(milestones, cfg.lr_factors) if epoch >= m]
             main = passed[-1] if passed else 1.0
         if epoch < cfg.warmup_epochs:
             return main * (epoch + 1) / (cfg.warmup_epochs + 1)

@@ -3,7 +3,7 @@
 
 import click
 
-from stages.common import device_option, params_option, setup, stage
+from stages.common import default_store, device_option, params_option, setup, stage
 
 teacher_option = click.option("--teacher", "teacher_path", default="models/teacher.pt", show_default=True,
                               help="Teacher checkpoint.")
@@ -13,7 +13,8 @@ teacher_option = click.option("--teacher", "teacher_path", default="models/teach
 @params_option
 @device_option
 @teacher_option
-@click.option("--out", default=None, help="Store to write: a zarr directory or an HDF5 file (cache.format).")
+@click.option("--out", default=None, help="Store to write: a zarr directory or an HDF5 file (cache.format)  "
+                                         "[default: cache/teacher_logits.<cache.format>, as in dvc.yaml]")
 @click.pass_context
 @stage
 def cache(ctx, params_path, device, teacher_path, out):
@@ -23,18 +24,17 @@ def cache(ctx, params_path, device, teacher_path, out):
     """
     if ctx.invoked_subcommand:
         return
-    if out is None:
-        raise click.UsageError("Missing option '--out' (the store to write)")
     import contextlib
 
     from pipeline import distributed
     from pipeline.data import check_augment, input_transform, load_dataset
-    from pipeline.models import load_checkpoint
+    from pipeline.models import load_for
     from pipeline.replay import build_augment
     from pipeline.cache import cache_teacher_logits
     from pipeline.writer import store_lock
 
     params, device = setup(params_path, device)
+    out = out or default_store(params.cache.format)
     # one run writes a store at a time: a second is refused here, before any work (the ranks of one torchrun run
     # share the store, so only rank 0 takes the lock; if it is refused, torchrun stops the other ranks)
     with store_lock(out) if distributed.rank() == 0 else contextlib.nullcontext():
@@ -42,7 +42,7 @@ def cache(ctx, params_path, device, teacher_path, out):
         data = load_dataset(params.data)
         if len(data.train):  # refuse an augmentation the images do not fit before the store is begun
             check_augment(input_transform(build_augment(params.augment), data.mean, data.std), data.train.images[0])
-        teacher, ckpt = load_checkpoint(teacher_path)
+        teacher, ckpt = load_for(teacher_path, data)  # refused before the store is begun
         cfg = params.cache
         try:
             meta, resumed = cache_teacher_logits(out, cfg, teacher, ckpt["arch"], data.train, data.num_classes,
@@ -75,7 +75,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
 
     from pipeline import KDError, topk
     from pipeline.data import fingerprint, input_transform, load_dataset
-    from pipeline.models import load_checkpoint, weights_fingerprint
+    from pipeline.models import load_for, weights_fingerprint
     from pipeline.replay import ReplayDataset, build_augment
     from pipeline.store import LogitStore
     from pipeline.cache import prepare_teacher, teacher_forward
@@ -89,7 +89,7 @@ def verify(store_path, params_path, device, teacher_path, samples):
     click.echo(f"{store_path}: {chunks} chunks present, checksums and values valid "
                f"({meta.num_samples} samples x {meta.num_views} views x {meta.num_classes} classes, {meta.dtype})")
     data = load_dataset(params.data)
-    teacher, _ = load_checkpoint(teacher_path)
+    teacher, _ = load_for(teacher_path, data)
     store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train))
     click.echo("teacher and dataset fingerprints match")
     if samples == 0:

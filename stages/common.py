@@ -14,7 +14,8 @@ device_option = click.option("--device", default=None,
 
 
 def stage(func):
-    """Turn a library error (KDError) into a clear CLI error: message on stderr, exit status 1."""
+    """Turn a library error (KDError) into a clear CLI error: message on stderr, exit status 1, below any progress
+    bar the error interrupted."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -23,16 +24,27 @@ def stage(func):
         try:
             return func(*args, **kwargs)
         except KDError as e:
+            _close_progress_bars()
             message = str(e)
             if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message
                 message = message.rstrip().rsplit("KDError: ", 1)[-1]
             raise click.ClickException(message) from None
         except OSError as e:  # e.g. an output under a folder that cannot be written
+            _close_progress_bars()
             where = e.filename or "a file"
             raise click.ClickException(f"{where}: {e.strerror or e}; check that the path exists and is "
                                        "writable (or readable, for inputs)") from None
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar. A bar left open by an error is otherwise closed when the process exits, after
+    the error was printed, and its line (often a "100%") would be the last on screen, reading like success."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def setup(params_path: str, device: str | None):
@@ -61,8 +73,22 @@ def live_log(live_dir: str | None):
         yield log
 
 
+def default_store(cache_format: str) -> str:
+    """Where dvc.yaml puts the logit store, `cache/teacher_logits.<cache.format>`: the default of `kd cache --out`
+    and of every `--cache` (one convention: an input defaults to where the command that writes it writes it)."""
+    return f"cache/teacher_logits.{cache_format}"
+
+
+def store_checks(teachers: int, **fields) -> dict:
+    """What `open_run_store` holds a store to from params.yaml's `cache` section (`fields`: storage, top_k, dtype,
+    amp) for a lone store, the one `kd cache` writes with these params; {} for an ensemble, whose stores may each
+    have been written with other values (top-K beside full, float16 beside float32): each is read as its own
+    metadata says (they still name the run: the resume key and search's config hash hold every store's)."""
+    return fields if teachers == 1 else {}
+
+
 def open_run_store(path, memory_mb: int, teacher, data, augment, seed: int, num_views: int, chunk_samples: int,
-                   storage: str | None = None, top_k: int = 0, dtype: str | None = None, amp: str = "auto",
+                   storage: str | None = None, top_k: int = 0, dtype: str | None = None, amp: str | None = None,
                    mix=None):
     """The logit store at `path` (read within `memory_mb`), refused with every differing field named (its value
     in the store and in this run) unless its logits belong to the views this run replays: same teacher weights
@@ -77,7 +103,7 @@ def open_run_store(path, memory_mb: int, teacher, data, augment, seed: int, num_
     from pipeline.store import LogitStore
 
     store = LogitStore(path, max_memory_bytes=memory_mb << 20)
-    expected = {"storage": storage, "dtype": dtype, "amp": None if amp == "auto" else amp}
+    expected = {"storage": storage, "dtype": dtype, "amp": None if amp in (None, "auto") else amp}
     if storage == "topk":
         expected["top_k"] = top_k
     store.check_run(teacher_fingerprint=weights_fingerprint(teacher), dataset_fingerprint=fingerprint(data.train),

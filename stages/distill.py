@@ -2,7 +2,8 @@
 
 import click
 
-from stages.common import device_option, live_log, open_run_store, params_option, setup, stage
+from stages.common import (default_store, device_option, live_log, open_run_store, params_option, setup, stage,
+                           store_checks)
 
 
 @click.command()
@@ -12,8 +13,8 @@ from stages.common import device_option, live_log, open_run_store, params_option
               help="Teacher checkpoint (checked against its store; run live when teacher_source is online). Repeat "
                    "with --cache for an ensemble: --cache A --teacher TA --cache B --teacher TB.")
 @click.option("--cache", "cache_paths", multiple=True,
-              help="Logit store written by `kd cache` (required when distill.teacher_source is cache); one per "
-                   "--teacher, in the same order.")
+              help="Logit store written by `kd cache` (read when distill.teacher_source is cache); one per "
+                   "--teacher, in the same order  [default: cache/teacher_logits.<cache.format>, with one teacher]")
 @click.option("--out", default="models/student.pt", show_default=True, help="Student checkpoint to write.")
 @click.option("--live-dir", default=None, help="dvclive directory for per-epoch metrics.")
 @click.option("--baseline", is_flag=True, help="Train the student alone (kd_weight 0) on the same views.")
@@ -30,8 +31,8 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
 
     from pipeline import KDError, distributed
     from pipeline.data import fingerprint, input_transform, load_dataset
-    from pipeline.ensemble import Ensemble, check_same_views, normalized
-    from pipeline.models import build_model, load_checkpoint, save_checkpoint, weights_fingerprint
+    from pipeline.ensemble import Ensemble, check_distinct, check_same_views, normalized
+    from pipeline.models import build_model, load_for, save_checkpoint, weights_fingerprint
     from pipeline.replay import build_augment, replay_device
     from pipeline.resume import resume_at
     from pipeline.step import resolve_train_amp
@@ -44,22 +45,27 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
     try:
         cfg = params.distill
         data = load_dataset(params.data)
-        teachers = [load_checkpoint(path)[0] for path in teacher_paths]
+        teachers = [load_for(path, data)[0] for path in teacher_paths]
         weights = normalized(cfg.ensemble.weights, len(teachers))
         augment, mean, std = params.augment, data.mean, data.std
         replay_seed, num_views = params.cache.seed, params.cache.num_views
         stores = []
         if cfg.teacher_source == "cache":
-            if not cache_paths:
-                raise KDError("distill.teacher_source is cache but no --cache store was given")
+            if not cache_paths and len(teachers) > 1:
+                raise KDError(f"distill.teacher_source is cache and {len(teachers)} --teacher were given, but no "
+                              "--cache: give each teacher its store, in the same order (--cache A --teacher TA "
+                              "--cache B --teacher TB)")
+            cache_paths = cache_paths or (default_store(params.cache.format),)
             if len(cache_paths) != len(teachers):
                 raise KDError(f"{len(cache_paths)} --cache stores but {len(teachers)} --teacher checkpoints: give "
                               "each teacher its store, in the same order (--cache A --teacher TA --cache B "
                               "--teacher TB)")
+            check_distinct(teacher_paths, teachers, cache_paths)
+            checks = store_checks(len(teachers), storage=params.cache.storage, top_k=params.cache.top_k,
+                                  dtype=params.cache.dtype, amp=params.cache.amp)
             stores = [open_run_store(path, params.memory_mb // len(teachers), teacher, data, augment, replay_seed,
-                                     num_views, params.cache.chunk_samples, storage=params.cache.storage,
-                                     top_k=params.cache.top_k, dtype=params.cache.dtype, amp=params.cache.amp,
-                                     mix=params.mix) for path, teacher in zip(cache_paths, teachers)]
+                                     num_views, params.cache.chunk_samples, mix=params.mix, **checks)
+                      for path, teacher in zip(cache_paths, teachers)]
             check_same_views(stores)
             members = [store_targets(store, cfg.temperature, cfg.topk_tail) for store in stores]
             teacher_facts = [(store.meta.teacher_fingerprint, store.meta.dataset_fingerprint) for store in stores]
@@ -68,6 +74,11 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
                 if not store.in_memory and distributed.rank() == 0:
                     _out_of_core_advice(store, cfg.shuffle_chunks, params.memory_mb)
         else:
+            if cache_paths:
+                raise KDError(f"--cache {cache_paths[0]} is given, but distill.teacher_source is online: the teacher "
+                              "runs live on every batch and no store is read; drop --cache, or set "
+                              "distill.teacher_source: cache to train from the store")
+            check_distinct(teacher_paths, teachers)
             members = [online_targets(teacher, device, params.cache.amp) for teacher in teachers]
             prefetch = 0
             teacher_facts = [(weights_fingerprint(teacher), fingerprint(data.train)) for teacher in teachers]
@@ -102,7 +113,9 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
     name = "Baseline" if baseline else "Student"
     val_acc = accuracy(student, data.val, eval_transform, device, params.num_workers)
     click.echo(f"{name} ({cfg.student}) validation accuracy: {100 * val_acc:.2f} %")
-    save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size, cfg.ema)
+    save_checkpoint(student, cfg.student, in_channels, data.num_classes, out, cfg.student_options, image_size, cfg.ema,
+                    made_with={"live_dir": live_dir, "stores": list(cache_paths) if stores else None,
+                               "teachers": list(teacher_paths)})
     resume.clear()
 
 

@@ -3,7 +3,7 @@
 
 import click
 
-from stages.common import device_option, open_run_store, params_option, setup, stage
+from stages.common import default_store, device_option, open_run_store, params_option, setup, stage, store_checks
 
 
 @click.command()
@@ -12,8 +12,9 @@ from stages.common import device_option, open_run_store, params_option, setup, s
 @click.option("--teacher", "teacher_paths", multiple=True, default=["models/teacher.pt"], show_default=True,
               help="Teacher checkpoint (its store must be made from it). Repeat with --cache for an ensemble: "
                    "--cache A --teacher TA --cache B --teacher TB.")
-@click.option("--cache", "cache_paths", multiple=True, default=["cache/teacher_logits.zarr"], show_default=True,
-              help="Logit store written by `kd cache`; one per --teacher, in the same order.")
+@click.option("--cache", "cache_paths", multiple=True,
+              help="Logit store written by `kd cache`; one per --teacher, in the same order  "
+                   "[default: cache/teacher_logits.<cache.format>, with one teacher]")
 @click.option("--out", default="reports/search.csv", show_default=True,
               help="One row per trial; an interrupted search run again keeps its finished trials.")
 @click.option("--figure", default="reports/search.png", show_default=True,
@@ -30,8 +31,8 @@ def search(params_path, device, teacher_paths, cache_paths, out, figure, metrics
     distill.ensemble, as `kd distill` does (README, "Ensembles")."""
     from pipeline import KDError
     from pipeline.data import load_dataset
-    from pipeline.ensemble import check_same_views
-    from pipeline.models import load_checkpoint
+    from pipeline.ensemble import check_distinct, check_same_views
+    from pipeline.models import load_for
     from pipeline.report import json_text, write_text
     from pipeline.search import best_summary, config_hash, plot_search, search as run_search, write_best_params
 
@@ -40,19 +41,23 @@ def search(params_path, device, teacher_paths, cache_paths, out, figure, metrics
         raise KDError("distill.view_schedule is fresh (a new view every epoch, the teacher run live), but kd search "
                       "trains its trials from the store's cache.num_views views; search with view_schedule cycle or "
                       "random")
+    cache_paths = cache_paths or ((default_store(params.cache.format),) if len(teacher_paths) == 1 else ())
     if len(cache_paths) != len(teacher_paths):
         raise KDError(f"{len(cache_paths)} --cache stores but {len(teacher_paths)} --teacher checkpoints: give each "
                       "teacher its store, in the same order (--cache A --teacher TA --cache B --teacher TB)")
     data = load_dataset(params.data)
-    teachers = [load_checkpoint(path)[0] for path in teacher_paths]
+    teachers = [load_for(path, data)[0] for path in teacher_paths]
     memory_bytes = params.memory_mb << 20
     cfg = params.search
     # With worker processes each worker reads the stores within memory_mb itself; here only their metadata is read,
     # so a store is held processes times at most, not once more in this process. Several stores share memory_mb.
+    check_distinct(teacher_paths, teachers, cache_paths)
+    checks = store_checks(len(teachers), storage=params.cache.storage, top_k=params.cache.top_k,
+                          dtype=params.cache.dtype, amp=params.cache.amp)
     stores = [open_run_store(path, params.memory_mb // len(teachers) if cfg.processes == 1 else 0, teacher, data,
                              params.augment, params.cache.seed, params.cache.num_views, params.cache.chunk_samples,
-                             storage=params.cache.storage, top_k=params.cache.top_k, dtype=params.cache.dtype,
-                             amp=params.cache.amp, mix=params.mix) for path, teacher in zip(cache_paths, teachers)]
+                             mix=params.mix, **checks)
+              for path, teacher in zip(cache_paths, teachers)]
     check_same_views(stores)
     store = stores[0] if len(stores) == 1 else stores
     config = config_hash([s.meta for s in stores], params.distill, cfg.epochs, params.seed, params.data)

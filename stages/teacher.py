@@ -72,7 +72,22 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
                                   cfg.amp, cfg.ema)
     val_acc = accuracy(model, data.val, eval_transform, device, params.num_workers)
     click.echo(f"Teacher ({arch}) validation accuracy: {100 * val_acc:.2f} %")
+    if at_chance(val_acc, data.num_classes, len(data.val)):
+        why = ("its classes may be in another order than the data's (an image folder's are its sorted folder names), "
+               "or it was trained on other data or another normalization" if cfg.checkpoint else
+               "it has not learned: train longer, or check teacher.optimizer and the data")
+        click.echo(f"Warning: the teacher is at chance level ({100 / data.num_classes:.2f} % for "
+                   f"{data.num_classes} classes): {why}. Its logits would teach the student noise", err=True)
     save_checkpoint(model, arch, in_channels, data.num_classes, out, options, image_size,
-                    None if cfg.checkpoint else cfg.ema)
+                    None if cfg.checkpoint else cfg.ema, made_with={"live_dir": live_dir})
     if not cfg.checkpoint:
         resume.clear()
+
+
+def at_chance(accuracy: float, num_classes: int, count: int) -> bool:
+    """True when `accuracy` over `count` images is not above chance, 1/num_classes, by 3 binomial standard errors
+    (for 10 classes: 0.167 over 180 images, 0.113 over 5000)."""
+    import math
+
+    chance = 1 / num_classes
+    return count > 0 and accuracy <= chance + 3 * math.sqrt(chance * (1 - chance) / count)

@@ -111,3 +111,58 @@ def test_image_folder_fingerprint_follows_a_file(tmp_path):
     changed = fingerprint(load_dataset(params).train)
     assert changed != before
     assert fingerprint(load_dataset(dataclasses.replace(params, image_size=8)).train) != changed
+
+
+def write_idx_set(root, pixel: int, train=40, test=4):
+    """The four IDX files of a 28x28 set whose images all have value `pixel` (uint8); 4 training images per class."""
+    from test_sources import write_idx
+
+    root.mkdir()
+    for split, n in (("train", train), ("t10k", test)):
+        write_idx(root / f"{split}-images-idx3-ubyte", np.full((n, 28, 28), pixel))
+        write_idx(root / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+FASHION_PIXEL, MNIST_PIXEL = 73, 33  # 73 / 255 = 0.286, Fashion-MNIST's mean; 33 / 255 = 0.129, MNIST's
+
+
+def test_mnist_named_fashion_files_warn_with_the_fix(tmp_path, capsys):
+    root = write_idx_set(tmp_path / "fashion", FASHION_PIXEL)
+    data = load_dataset(data_params(name="mnist", root=str(root)))
+    assert data.mean == (0.1307,)  # still loads, as asked: a warning, not a refusal
+    err = capsys.readouterr().err
+    assert err.startswith("Warning: data.name is mnist") and str(root) in err
+    assert "0.2863" in err and "0.1307" in err  # measured and expected means
+    assert "set data.name: fashion_mnist" in err
+
+
+@pytest.mark.parametrize("name, pixel", [("mnist", MNIST_PIXEL), ("fashion_mnist", FASHION_PIXEL)])
+def test_files_that_match_their_name_load_silently(tmp_path, capsys, name, pixel):
+    load_dataset(data_params(name=name, root=str(write_idx_set(tmp_path / name, pixel))))
+    assert capsys.readouterr().err == ""
+
+
+def test_rgb_statistics_are_checked_per_channel():
+    from pipeline.data import statistics_warning
+
+    cifar10, cifar100 = data_params(name="cifar10", root="data"), data_params(name="cifar100", root="data")
+    images = torch.empty(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0], images[:, 1], images[:, 2] = 125, 123, 114  # CIFAR-10's means x 255, to the nearest pixel value
+    assert statistics_warning(cifar10, images) is None
+    assert statistics_warning(cifar100, images) is None  # 0.016 apart at most: not told apart
+    images[:, 2] = 200  # one channel far off
+    warning = statistics_warning(cifar10, images)
+    assert "data.name is cifar10" in warning and "0.7843" in warning and "0.4465" in warning
+    assert "set data.normalize to its own" in warning  # no known set fits: the fix is the data's own statistics
+    own = {"mean": [0.49, 0.48, 0.78], "std": [0.25, 0.25, 0.25]}
+    assert statistics_warning(dataclasses.replace(cifar10, normalize=own), images) is None  # already done
+    assert statistics_warning(data_params(name="digits"), images[:, :1]) is None
+    assert statistics_warning(data_params(name="imagefolder"), images) is None
+
+
+def test_misnamed_files_warn_even_with_normalize_given(tmp_path, capsys):
+    """A set of one's own with its own data.normalize is quiet, but Fashion-MNIST named mnist is still misnamed."""
+    root = write_idx_set(tmp_path / "fashion", FASHION_PIXEL)
+    load_dataset(data_params(name="mnist", root=str(root), normalize={"mean": [0.286], "std": [0.353]}))
+    assert "set data.name: fashion_mnist" in capsys.readouterr().err

@@ -236,6 +236,7 @@ def evaluated(two_stores):
         result = _kd("evaluate", "--params", params, *[a for t in teachers for a in ("--teacher", root / t)],
                      "--student", root / "student.pt", "--baseline", root / "baseline.pt", "--teacher-live",
                      root / "none", "--student-live", root / "live/student", "--baseline-live", root / "live/baseline",
+                     "--search-csv", root / "none.csv", "--search-figure", root / "none.png",
                      "--metrics", root / out / "metrics.json", "--report", root / out / "report.md", "--html",
                      root / out / "report.html", "--confusion", root / out / "confusion.csv", "--figures",
                      root / out / "figures")
@@ -270,6 +271,8 @@ def test_kd_evaluate_reports_each_teacher_the_ensemble_and_the_students_agreemen
     assert metrics["ensemble"] == {"teachers": [str(root / "t0.pt"), str(root / "t1.pt")], "archs": ["cnn", "tiny_cnn"],
                                    "weights": [0.25, 0.75], "rule": "probabilities", "temperature": 2.0}
     assert f"Ensemble of 2 teachers test accuracy: {100 * metrics['ensemble_acc']:.2f} %" in result.output
+    assert "Teacher test accuracy" not in result.output  # the first teacher's accuracy is printed once, as teacher 0
+    assert f"Teacher 0 ({root / 't0.pt'}) test accuracy: {100 * metrics['teacher_acc']:.2f} %" in result.output
     for text in ((root / "two/report.md").read_text(), (root / "two/report.html").read_text()):
         assert "Ensemble of teachers" in text and "t1.pt" in text and "Top-1 agreement with the ensemble" in text
 
@@ -286,3 +289,24 @@ def test_kd_evaluate_with_one_teacher_reports_no_ensemble_and_refuses_weights_th
     three = write_params(root / "three.yaml", **{"distill.ensemble.weights": [1, 2, 3]})
     result = evaluate("bad", "t0.pt", "t1.pt", params=three)
     assert result.exit_code == 1 and "3 entries but 2 teachers" in result.output
+
+
+def test_an_ensemble_may_mix_top_k_and_full_stores_of_float16_and_float32(teacher, second_teacher, tmp_path):
+    """Each store of an ensemble is read as its own metadata says: params.yaml's cache.storage / top_k / dtype
+    describe what `kd cache` writes and are held only against a lone store."""
+    base = {"data.train_subset": 120, "distill.epochs": 1, "distill.optimizer.lr_milestones": [],
+            "distill.optimizer.lr_factors": []}
+    written = [write_params(tmp_path / "full.yaml", **base, **{"cache.dtype": "float32"}),
+               write_params(tmp_path / "topk.yaml", **base, **{"cache.storage": "topk", "cache.top_k": 3,
+                                                                "cache.dtype": "float16"})]
+    pairs = []
+    for k, (model, arch, params) in enumerate(((teacher, "cnn", written[0]), (second_teacher, "tiny_cnn", written[1]))):
+        save_checkpoint(model, arch, 1, 10, tmp_path / f"t{k}.pt")
+        result = _kd("cache", "--params", params, "--teacher", tmp_path / f"t{k}.pt", "--out", tmp_path / f"s{k}.zarr")
+        assert result.exit_code == 0, result.output
+        pairs += ["--cache", tmp_path / f"s{k}.zarr", "--teacher", tmp_path / f"t{k}.pt"]
+    assert LogitStore(tmp_path / "s1.zarr").meta.storage == "topk"
+    result = _kd("distill", "--params", written[0], *pairs, "--out", tmp_path / "student.pt")
+    assert result.exit_code == 0, result.output
+    result = _kd("distill", "--params", written[0], *pairs[4:], "--out", tmp_path / "alone.pt")
+    assert result.exit_code == 1 and "storage: store topk, this run full" in result.output  # a lone store: held to params

@@ -191,7 +191,8 @@ def test_a_checkpoint_from_before_options_were_recorded_still_loads(tmp_path, ar
 
 @pytest.mark.parametrize("content, message", [
     (None, "checkpoint not found"),
-    (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+    (b"not a checkpoint", "is a text file (it starts 'not a checkpoint'), not a checkpoint"),
+    (b"\x80\x02garbage", "not a readable PyTorch checkpoint"),
     ({"state_dict": {}}, "checkpoint must be a dict with keys"),
     ({"arch": "cnn", "in_channels": 1, "num_classes": 10, "state_dict": {"w": torch.zeros(1)}},
      "does not fit architecture 'cnn'"),

@@ -1,6 +1,7 @@
 """params.yaml: every key required, unknown or mistyped keys and bad values are clear errors."""
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from pipeline.params import ParamsError, load_params
@@ -129,3 +130,38 @@ def test_the_recipe_keys_default_to_todays_training(tmp_path):
         assert opt.warmup_epochs == 0 and opt.clip_grad_norm is None
     assert (p.distill.amp, p.distill.ema, p.distill.compile, p.distill.channels_last) == ("auto", None, False, False)
     assert (p.teacher.amp, p.teacher.ema) == ("auto", None)
+
+
+def test_shortening_a_run_is_one_edit(tmp_path):
+    """`dvc exp run -S distill.epochs=5` on the project's params: the milestones are fractions, so they follow."""
+    from pipeline.params import milestone_epochs
+
+    project = load_params(ROOT / "params.yaml").distill
+    assert milestone_epochs(project.optimizer.lr_milestones, project.epochs) == [120]  # of 150: trains as before
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["distill"]["epochs"] = 5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    short = load_params(tmp_path / "params.yaml").distill
+    assert milestone_epochs(short.optimizer.lr_milestones, short.epochs) == [4]
+
+
+def test_absolute_milestones_still_load(tmp_path):
+    params = load_params(write_params(tmp_path / "params.yaml", **{"distill.epochs": 200,
+                                                                   "distill.optimizer.lr_milestones": [180]}))
+    assert params.distill.optimizer.lr_milestones == [180]
+
+
+@pytest.mark.parametrize("milestones, factors, epochs, message", [
+    ([120, 0.9], [0.1, 0.01], 150, r"distill.optimizer.lr_milestones is \[120, 0.9\]; expected .*epochs .*"
+                                   r"or .*fractions of the epochs .*not a mix"),
+    ([0.5, 1.5], [0.1, 0.01], 150, r"distill.optimizer.lr_milestones is \[0.5, 1.5\]; expected"),
+    ([0.7, 0.9], [0.1, 0.01], 5, r"distill.optimizer.lr_milestones: 0.7 and 0.9 of distill.epochs \(5\) .*both fall "
+                                 r"on epoch 4"),
+    ([0.1], [0.1], 5, r"distill.optimizer.lr_milestones: 0.1 of distill.epochs \(5\) .*falls on epoch 0"),
+    ([0.95], [0.1], 10, r"distill.optimizer.lr_milestones: 0.95 of distill.epochs \(10\) .*falls on epoch 10"),
+])
+def test_bad_fractional_milestones_are_refused(tmp_path, milestones, factors, epochs, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write_params(tmp_path / "params.yaml", **{"distill.epochs": epochs,
+                                                              "distill.optimizer.lr_milestones": milestones,
+                                                              "distill.optimizer.lr_factors": factors}))

@@ -204,7 +204,7 @@ def test_search_section_with_search_results(with_search):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["search"]["trials"] == 3 and metrics["cache"] is None
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
-    assert "3 trials in 2 round(s)" in md and "T = **4**, λ = **0.9**" in md and "**95.00 %**" in md
+    assert "3 trials in 2 rounds" in md and "T = **4**, λ = **0.9**" in md and "**95.00 %**" in md
     assert "search/search.png)" in md and "No search has run" not in md
     assert "Teacher: no training curves were logged." in md and "No logit store was given" in md
     assert page.count('src="data:image/png;base64,') == 5  # training, confusion, per-class, reliability, search
@@ -270,3 +270,98 @@ def test_the_summary_opens_by_saying_when_the_student_alone_is_already_as_good_a
     assert "within 2 test errors" in text and "+0.56 points" in text and "RESULTS.md" in text
     far = {**close, "baseline_errors": 30, "baseline_acc": 330 / 360}
     assert reading_text(far) is None
+
+
+# ---- figures and words (issue 24, "Output") --------------------------------------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions draw, drawn but not saved and kept open for their axes to be read."""
+    import pipeline.figures
+
+    figures = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(pipeline.figures, "save_figure", keep)
+    yield figures
+    for fig in figures:
+        pipeline.figures.pyplot().close(fig)
+
+
+def shown_ticks(axis, minor: bool = True) -> list[tuple[float, str]]:
+    """(location, label) of the ticks, major and (unless `minor` is False) minor, that a drawn `axis` shows
+    within its view."""
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*zip(axis.get_majorticklocs(), axis.get_majorticklabels())]
+    if minor:
+        ticks += [*zip(axis.get_minorticklocs(), axis.get_minorticklabels())]
+    return [(loc, label.get_text()) for loc, label in ticks if lo * (1 - 1e-9) <= loc <= hi * (1 + 1e-9)]
+
+
+SHORT_SEARCH = [{"trial": i, "round": 1 + i // 4, "temperature": t, "kd_weight": w, "seed": 0, "epochs": 1,
+                 "val_acc": 0.9 + 0.01 * i, "seconds": 1.0, "config": "c.yaml"}
+                for i, (t, w) in enumerate([(20, 0.3), (35, 0.5), (50, 0.4), (80, 0.9), (28, 0.6), (60, 0.7)])]
+
+
+@pytest.mark.parametrize("temperatures, weights", [((20, 35, 50, 80), (0.3, 0.5, 0.4, 0.9)),  # within a decade
+                                                   ((0.5, 3, 40, 600), (0.01, 0.1, 0.5, 1.0)),  # several decades
+                                                   ((3.2, 3.5, 3.8), (0.61, 0.66, 0.7))])  # within a factor 1.2
+def test_log_axes_are_labelled_in_plain_numbers_however_few_decades_the_data_span(temperatures, weights):
+    from pipeline.figures import log_axes, pyplot
+
+    fig, ax = pyplot().subplots()
+    ax.scatter(temperatures, weights)
+    log_axes(ax)
+    fig.canvas.draw()
+    for axis in (ax.xaxis, ax.yaxis):
+        labels = [text for _, text in shown_ticks(axis) if text]
+        assert len(labels) >= 2, labels
+        assert all(re.fullmatch(r"\d+(\.\d+)?", text) for text in labels), labels  # 20, 0.5: no 2×10¹
+        assert len(labels) <= 12, labels  # readable, not crowded
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    pyplot().close(fig)
+
+
+def test_search_map_labels_temperatures_within_one_decade(drawn):
+    from pipeline.search import plot_search
+
+    plot_search(SHORT_SEARCH, "search.png")
+    ax = drawn[0].axes[0]
+    assert len([text for _, text in shown_ticks(ax.xaxis) if text]) >= 2
+    assert "1 epochs" not in ax.get_title()
+
+
+def test_epoch_axes_have_integer_ticks(drawn):
+    from pipeline.figures import plot_training
+
+    two = {"loss": [2.0, 1.0], "train_acc": [0.5, 0.7], "val_acc": [0.6, 0.8]}
+    plot_training({"distilled": two, "baseline (λ = 0)": two}, "training.png")
+    for ax in drawn[0].axes:
+        ticks = [loc for loc, _ in shown_ticks(ax.xaxis, minor=False)]
+        assert ticks and all(float(loc).is_integer() for loc in ticks), ticks
+
+
+def test_counts_are_pluralised():
+    from pipeline.report import counted
+
+    assert (counted(1, "epoch"), counted(2, "epoch"), counted(0, "round")) == ("1 epoch", "2 epochs", "0 rounds")
+    one = {"trials": 1, "rounds": 1, "best_val_acc": 0.9, "best_trial": 0, "best_temperature": 4.0,
+           "best_kd_weight": 0.5}
+    assert search_section(one, None, "s.csv").blocks[0].startswith("1 trial in 1 round (")
+    assert search_section({**one, "trials": 3, "rounds": 2}, None, "s.csv").blocks[0].startswith("3 trials in 2 "
+                                                                                                  "rounds (")
+
+
+def test_inline_code_never_breaks_inside_a_word():
+    from pipeline.render import CSS, Section, to_html, to_markdown
+
+    rule = re.search(r"(?m)^code \{([^}]*)\}", CSS).group(1)
+    assert "white-space: nowrap" in rule and "break-all" not in rule and "anywhere" not in rule
+    text = "The store `" + "cache/" * 20 + "teacher_logits.zarr` and `kd distill --live-dir live/student` again."
+    page = to_html([Section("S", [text])], "t")
+    assert "<code>kd distill --live-dir live/student</code>" in page
+    md = to_markdown([Section("S", [text])], "t", ".")
+    assert all(line.count("`") % 2 == 0 for line in md.splitlines()), "a code span split across lines"

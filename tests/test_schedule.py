@@ -64,3 +64,21 @@ def test_sgd_gets_its_momentum_nesterov_and_weight_decay(nesterov):
     assert type(optimizer) is torch.optim.SGD
     assert group["lr"] == BASE_LR and group["momentum"] == 0.7 and group["nesterov"] is nesterov
     assert group["weight_decay"] == 5e-4
+
+
+@pytest.mark.parametrize("fractions, epochs_at, epochs", [([0.8], [120], 150), ([0.9], [180], 200),
+                                                          ([0.4, 0.8], [4, 8], 10), ([0.5, 0.75], [2, 4], 5)])
+def test_fractional_milestones_give_the_lr_of_their_epochs(fractions, epochs_at, epochs):
+    """A fraction f of the epochs is the milestone at epoch round(f · epochs): the same learning rate every epoch."""
+    factors = [0.1, 0.01][:len(fractions)]
+    assert lr_per_epoch(optim(lr_milestones=fractions, lr_factors=factors), epochs) == \
+        lr_per_epoch(optim(lr_milestones=epochs_at, lr_factors=factors), epochs)
+
+
+def test_milestone_epochs_keeps_epochs_and_rounds_fractions_to_the_nearest_epoch():
+    from pipeline.params import milestone_epochs
+
+    assert milestone_epochs([120], 150) == [120] and milestone_epochs([], 150) == []
+    assert milestone_epochs([0.8], 150) == [120] and milestone_epochs([0.8], 5) == [4]
+    assert milestone_epochs([0.33], 10) == [3] and milestone_epochs([0.37], 10) == [4]
+    assert milestone_epochs([0.25, 0.5], 10) == [2, 5]  # Python's round: a tie goes to the even epoch

@@ -74,11 +74,12 @@ def test_users_teacher_checkpoint_is_validated_and_copied(workdir):
 
 @pytest.mark.parametrize("content, message", [
     (None, "checkpoint not found"),
-    (b"not a checkpoint", "not a readable PyTorch checkpoint"),
+    (b"not a checkpoint", "is a text file (it starts 'not a checkpoint'), not a checkpoint"),
+    (b"\x80\x02garbage", "not a readable PyTorch checkpoint"),
     ({"state_dict": {}}, "checkpoint must be a dict with keys"),
     ({"arch": "cnn", "in_channels": 1, "num_classes": 10, "state_dict": {"w": torch.zeros(1)}},
      "does not fit architecture 'cnn'"),
-    ("wrong-classes", "predicts 7 classes; the dataset has 1 and 10"),
+    ("wrong-classes", "predicts 7 classes; the data has 1 and 10"),
 ])
 def test_bad_teacher_checkpoint_is_a_clear_error(workdir, content, message):
     path = workdir / "mine.pt"
@@ -256,11 +257,6 @@ def test_cache_verify_finds_a_missing_chunk(workdir):
     (workdir / "s.zarr/logits/c/3/0/0").unlink()
     result = invoke("cache", "verify", "s.zarr", "--params", params)
     assert result.exit_code == 1 and "sample 300 are not finite" in result.output, result.output
-
-
-def test_cache_without_out_is_a_usage_error(workdir):
-    result = invoke("cache", "--params", write_params(workdir / "params.yaml"))
-    assert result.exit_code == 2 and "Missing option '--out'" in result.output
 
 
 def test_top_k_store_through_the_stages(workdir):

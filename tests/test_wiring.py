@@ -33,7 +33,10 @@ READ_NOT_DECLARED = {
               "cache.compile": "runs the same forward compiled; the logits agree within float32 rounding (measured)"},
     # kd search passes `distill` on whole, but sets T and λ per trial, trains search.epochs epochs and always reads
     # the store: re-running the search when distill's T, λ or epochs change (e.g. after --write-params) is waste.
-    "search": {"distill.temperature": "set per trial from the search's draws",
+    "distill": {"cache.format": "names the default --cache only (dvc.yaml passes --cache)"},
+    "baseline": {"cache.format": "names the default --cache only (dvc.yaml passes --cache)"},
+    "search": {"cache.format": "names the default --cache only (dvc.yaml passes --cache)",
+               "distill.temperature": "set per trial from the search's draws",
                "distill.kd_weight": "set per trial from the search's draws",
                "distill.epochs": "trials train search.epochs epochs",
                "distill.teacher_source": "trials always read the store"},
