@@ -31,7 +31,8 @@ from output import growth_line, publish
 from pipeline.data import Split, input_transform
 from pipeline.models import build_model
 from pipeline.params import CacheParams
-from pipeline.replay import ReplayDataset, build_augment
+from pipeline.replay import ReplayDataset
+from pipeline.augment import build_augment
 from pipeline.cache import cache_teacher_logits, teacher_forward
 
 PAIRS = {  # name: (teacher, (C, H, W), augmentation, samples)

@@ -69,7 +69,8 @@ from pipeline.models import build_model
 from pipeline.params import CacheParams, DataParams, load_params
 from pipeline.store import LogitStore
 from pipeline.train import distill, store_targets
-from pipeline.replay import ReplayDataset, build_augment
+from pipeline.replay import ReplayDataset
+from pipeline.augment import build_augment
 from pipeline.sources import ImageFiles
 from pipeline.cache import cache_teacher_logits, prepare_teacher, resolve_amp, teacher_forward, teacher_logits_on
 

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.data import input_transform
-from pipeline.replay import BatchReplay, build_augment, replay_view
+from pipeline.replay import BatchReplay, replay_view
+from pipeline.augment import build_augment
 
 SPECS = {
     "cifar crop + flip": [{"RandomCrop": {"size": 32, "padding": 4}}, {"RandomHorizontalFlip": {"p": 0.5}}],

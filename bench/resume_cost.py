@@ -23,7 +23,7 @@ from output import publish
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.resume import Resume, capture
 from pipeline.train import distill, make_optimizer
 

@@ -20,7 +20,7 @@ from pipeline import KDError
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.store import LogitStore
 from pipeline.train import accuracy, distill, store_targets
 

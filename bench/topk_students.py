@@ -21,7 +21,7 @@ from output import publish
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model, load_checkpoint, weights_fingerprint
 from pipeline.params import load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.store import LogitStore
 from pipeline.train import accuracy, distill, store_targets
 

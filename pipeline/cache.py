@@ -20,7 +20,8 @@ from pipeline.loaders import make_loader
 from pipeline.models import weights_fingerprint
 from pipeline.params import CacheParams
 from pipeline.mix import as_spec
-from pipeline.replay import EpochSampler, ReplayDataset, build_augment, replay_device
+from pipeline.replay import EpochSampler, ReplayDataset, replay_device
+from pipeline.augment import build_augment
 from pipeline.store import StoreMeta
 from pipeline.writer import StoreWriter
 

@@ -178,31 +178,6 @@ def input_transform(augment, mean, std):
     return v2.Compose(steps)
 
 
-def check_augment(transform, image: torch.Tensor) -> None:
-    """Refuse, before any view is replayed, a training `transform` (an `input_transform`) that cannot augment
-    `image` (uint8 (C, H, W), one of the data's), e.g. a RandomCrop larger than the images: the image goes through
-    the transform once, step by step, and a failing step is a KDError naming `augment[i]`, the transform and the
-    image size. torch's global generator is left as it was."""
-    from torchvision.transforms import v2
-
-    parts = list(getattr(transform, "transforms", ()))
-    named = [("augment", transform)]  # anything else than an input_transform: one step
-    if len(parts) == 3 and isinstance(parts[1], v2.Compose):
-        named = [("the conversion to float", parts[0]), *((f"augment[{i}]", step) for i, step in
-                                                          enumerate(parts[1].transforms)), ("data.normalize", parts[2])]
-    size = "x".join(map(str, image.shape))
-    x = image
-    with torch.random.fork_rng(devices=[]):
-        for where, step in named:
-            try:
-                x = step(x)
-            except Exception as e:  # torchvision raises ValueError, TypeError, RuntimeError for misfits
-                reason = f"{type(e).__name__}: {str(e).rstrip('.')}"
-                raise KDError(f"{where}: {step} cannot be applied to the training images, of size {size} (C x H x W): "
-                              f"{reason}; fit the step to that size (in augment, or teacher.augment for the teacher's "
-                              "own training), or resize the images with data.image_size") from None
-
-
 def fingerprint(split: Split) -> str:
     """SHA-256 naming a split: its images' contents and order (file bytes for image folders) and labels."""
     import hashlib

@@ -301,7 +301,7 @@ INVALID = _Invalid()
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Parse and validate the params file; raise one ParamsError naming the file and every bad key with its fix."""
     from pipeline.models import arch_error
-    from pipeline.replay import build_augment
+    from pipeline.augment import build_augment
 
     path = Path(path)
     if not path.is_file():

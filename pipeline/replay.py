@@ -26,40 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import KDError
-
-
-# Deterministic preprocessing: evaluation never applies `augment`, so these would make training and test
-# inputs differ. They belong in data.image_size / data.normalize.
-DETERMINISTIC = {"Resize", "CenterCrop", "Normalize", "ToDtype", "ConvertImageDtype", "Grayscale", "RGB", "Pad",
-                 "FiveCrop", "TenCrop", "ToImage", "ToPureTensor", "PILToTensor", "ToPILImage", "Lambda", "Identity",
-                 "LinearTransformation"}
-
-
-def build_augment(spec: list[dict]):
-    """`[{ClassName: {kw: value}}, ...]` -> `v2.Compose` of those torchvision.transforms.v2 classes.
-
-    Only random transforms: deterministic preprocessing (Resize, Normalize, ...) is refused, since evaluation
-    never applies `augment`.
-    """
-    from torchvision.transforms import v2
-
-    steps = []
-    for i, step in enumerate(spec):
-        (name, kwargs), = step.items()
-        cls = getattr(v2, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
-            raise KDError(f"augment[{i}]: {name!r} is not a torchvision.transforms.v2 transform "
-                          "(names are case-sensitive, e.g. RandomAffine, RandomCrop, ColorJitter)")
-        if name in DETERMINISTIC:
-            raise KDError(f"augment[{i}]: {name} is deterministic preprocessing, which evaluation never applies "
-                          "(test inputs would differ from training ones); use data.image_size and data.normalize "
-                          "for preprocessing and keep augment to random transforms")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (kwargs or {}).items()}
-        try:
-            steps.append(cls(**kwargs))
-        except (TypeError, ValueError) as e:
-            raise KDError(f"augment[{i}]: {name}({kwargs}) failed: {e}") from None
-    return v2.Compose(steps) if steps else v2.Identity()
+from pipeline.augment import check_augment
 
 
 def owns_generator() -> None:
@@ -381,8 +348,6 @@ class ReplayDataset(torch.utils.data.Dataset):
         self.mix, self.num_classes, self.view_size = (mixing.as_spec(mix) if mixing.enabled(mix) else None), \
             num_classes, None
         if len(images):  # every stage's replay starts here: refuse a transform the images do not fit, before any work
-            from pipeline.data import check_augment
-
             check_augment(transform, images[0])
             if self.mix is not None:
                 self.view_size = tuple(replay_view(images[0], transform, seed, 0, 0).shape[-2:])

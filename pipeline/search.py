@@ -116,7 +116,7 @@ def run_trial(store, train, val, cfg: DistillParams, temperature: float, kd_weig
     accuracy after the last epoch (NaN when the training diverged)."""
     from pipeline.data import input_transform
     from pipeline.models import build_model
-    from pipeline.replay import build_augment
+    from pipeline.augment import build_augment
     from pipeline.train import DivergedError, distill
 
     meta = as_list(store)[0].meta  # the stores hold the same views: any one's metadata describes them

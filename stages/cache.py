@@ -27,9 +27,10 @@ def cache(ctx, params_path, device, teacher_path, out):
     import contextlib
 
     from pipeline import distributed
-    from pipeline.data import check_augment, input_transform, load_dataset
+    from pipeline.data import input_transform, load_dataset
+    from pipeline.augment import check_augment
     from pipeline.models import load_for
-    from pipeline.replay import build_augment
+    from pipeline.augment import build_augment
     from pipeline.cache import cache_teacher_logits
     from pipeline.writer import store_lock
 
@@ -76,7 +77,8 @@ def verify(store_path, params_path, device, teacher_path, samples):
     from pipeline import KDError, topk
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import load_for, weights_fingerprint
-    from pipeline.replay import ReplayDataset, build_augment
+    from pipeline.replay import ReplayDataset
+    from pipeline.augment import build_augment
     from pipeline.store import LogitStore
     from pipeline.cache import prepare_teacher, teacher_forward
 

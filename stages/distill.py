@@ -33,7 +33,8 @@ def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, base
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.ensemble import Ensemble, check_distinct, check_same_views, normalized
     from pipeline.models import build_model, load_for, save_checkpoint, weights_fingerprint
-    from pipeline.replay import build_augment, replay_device
+    from pipeline.replay import replay_device
+    from pipeline.augment import build_augment
     from pipeline.resume import resume_at
     from pipeline.step import resolve_train_amp
     from pipeline.train import accuracy, distill as run_distill, online_targets, store_targets

@@ -26,7 +26,7 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
     from pipeline import KDError
     from pipeline.data import fingerprint, input_transform, load_dataset
     from pipeline.models import build_model, save_checkpoint
-    from pipeline.replay import build_augment
+    from pipeline.augment import build_augment
     from pipeline.resume import resume_at
     from pipeline.step import resolve_train_amp
     from pipeline.train import accuracy, train_teacher
@@ -46,7 +46,7 @@ def teacher(params_path, device, out, live_dir, checkpoint_dir):
     with live_log(live_dir) as log:
         if cfg.checkpoint:
             from pipeline.checkpoints import load_teacher
-            from pipeline.data import check_augment
+            from pipeline.augment import check_augment
             from pipeline.models import check_input_shape
 
             model, ckpt, notes = load_teacher(cfg.checkpoint, cfg.arch, cfg.arch_options, data)

@@ -11,7 +11,7 @@ import yaml
 from pipeline.data import Split, input_transform, load_dataset
 from pipeline.models import build_model, save_checkpoint
 from pipeline.params import CacheParams, OptimParams, load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.train import train_teacher
 from pipeline.cache import cache_teacher_logits
 

@@ -11,7 +11,8 @@ from torchvision.io import write_png
 from pipeline import KDError
 from pipeline.data import Split, fingerprint, input_transform, load_dataset
 from pipeline.params import load_params
-from pipeline.replay import build_augment, replay_view
+from pipeline.replay import replay_view
+from pipeline.augment import build_augment
 from conftest import ROOT
 from test_sources import write_mnist
 

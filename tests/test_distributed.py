@@ -94,7 +94,7 @@ from pipeline import distributed
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.train import distill
 
 params = load_params(sys.argv[1])

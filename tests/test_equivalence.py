@@ -9,7 +9,8 @@ import torch
 from pipeline.loss import kd_loss
 from pipeline.models import build_model
 from pipeline.data import input_transform
-from pipeline.replay import EpochSampler, ReplayDataset, build_augment, replay_view
+from pipeline.replay import EpochSampler, ReplayDataset, replay_view
+from pipeline.augment import build_augment
 from pipeline.store import LogitStore
 from pipeline.train import distill, online_targets, store_targets
 from pipeline.cache import teacher_forward

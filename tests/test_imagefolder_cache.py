@@ -14,7 +14,8 @@ import pipeline.replay as replay
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import CacheParams, DataParams, load_params
-from pipeline.replay import BatchReplay, build_augment, replay_view
+from pipeline.replay import BatchReplay, replay_view
+from pipeline.augment import build_augment
 from pipeline.sources import ImageFiles
 from pipeline.store import LogitStore
 from pipeline.train import distill, online_targets, store_targets

@@ -17,7 +17,8 @@ from pipeline.data import input_transform
 from pipeline.loaders import RankBatches, make_loader
 from pipeline.models import build_model
 from pipeline.params import MixParams, ParamsError, load_params
-from pipeline.replay import EpochSampler, ReplayDataset, build_augment, epoch_views, replay_view
+from pipeline.replay import EpochSampler, ReplayDataset, epoch_views, replay_view
+from pipeline.augment import build_augment
 from pipeline.store import LogitStore, StoreError
 from pipeline.train import distill, online_targets, store_targets
 
@@ -124,7 +125,8 @@ from pipeline import distributed
 from pipeline.data import input_transform
 from pipeline.loaders import RankBatches
 from pipeline.params import MixParams
-from pipeline.replay import ReplayDataset, build_augment
+from pipeline.replay import ReplayDataset
+from pipeline.augment import build_augment
 torch.distributed.init_process_group("gloo")
 me, world = distributed.rank(), distributed.world_size()
 images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

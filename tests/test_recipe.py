@@ -180,7 +180,8 @@ def test_crops_and_flips_replay_beside_the_step_and_nothing_else_does(train_subs
     global generator) and worker processes stay as they were."""
     from pipeline.data import input_transform
     from pipeline.loaders import make_loader, resident, thread_safe
-    from pipeline.replay import EpochSampler, ReplayDataset, build_augment
+    from pipeline.replay import EpochSampler, ReplayDataset
+    from pipeline.augment import build_augment
 
     def loader(augment, workers=0):
         transform = input_transform(build_augment(augment), (0.0,), (1.0,))
@@ -200,7 +201,7 @@ def test_replaying_beside_the_step_trains_the_same_dropout_student_bit_for_bit(c
     batches (groups of them at once, the store's logits read with them): the weights equal those of the same run
     replaying in the training thread, and a batch at a time."""
     from pipeline.data import input_transform
-    from pipeline.replay import build_augment
+    from pipeline.augment import build_augment
 
     transform = input_transform(build_augment(CROP_FLIP), (0.0,), (1.0,))
 

@@ -259,8 +259,9 @@ def test_amp_auto_accepts_a_store_whatever_precision_it_resolved_to(made, topk_s
 
 
 def test_the_augmentation_check_leaves_the_global_generator_as_it_was():
-    from pipeline.data import check_augment, input_transform
-    from pipeline.replay import build_augment
+    from pipeline.data import input_transform
+    from pipeline.augment import check_augment
+    from pipeline.augment import build_augment
 
     transform = input_transform(build_augment([{"RandomAffine": {"degrees": 10}}]), (0.0,), (1.0,))
     state = torch.get_rng_state()

@@ -11,7 +11,8 @@ from pipeline import KDError
 import numpy as np
 
 from pipeline.data import input_transform
-from pipeline.replay import BatchReplay, ReplayDataset, build_augment, epoch_pairs, epoch_views, replay_view
+from pipeline.replay import BatchReplay, ReplayDataset, epoch_pairs, epoch_views, replay_view
+from pipeline.augment import build_augment
 
 # Every random torchvision v2 transform family a user is likely to configure, as params.yaml would say it.
 SPECS = {
@@ -68,7 +69,7 @@ def test_replay_is_identical_in_another_process(image, tmp_path):
     torch.save(image, tmp_path / "image.pt")
     code = (
         "import sys, torch\n"
-        "from pipeline.replay import build_augment, replay_view\n"
+        "from pipeline.augment import build_augment\nfrom pipeline.replay import replay_view\n"
         f"t = build_augment({SPECS['resized_crop_flip']!r})\n"
         f"img = torch.load(r'{tmp_path / 'image.pt'}')\n"
         f"torch.save(torch.stack([replay_view(img, t, 9, i, v) for i in range(4) for v in range(3)]), "

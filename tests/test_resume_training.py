@@ -191,7 +191,7 @@ import pipeline.train as train
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
 from pipeline.params import load_params
-from pipeline.replay import build_augment
+from pipeline.augment import build_augment
 from pipeline.store import LogitStore
 
 params = load_params(sys.argv[1])

@@ -225,3 +225,31 @@ def test_outputs_and_data_deps_appear_in_the_command(stage):
     read = set().union(*(params_read(p) for p in stage_code(stage) if p.parent.name == "stages"))
     for dep, key in DATA_DEPS.items():
         assert (dep in spec["deps"]) == (key in read), f"{stage}: reads {key} iff it depends on {dep}"
+
+
+def test_pipeline_has_no_import_circles():
+    """Every import of one pipeline module by another, at the top or inside a function, makes a graph without
+    cycles: each module can be read, and changed, knowing only those below it."""
+    graph = {}
+    for path in (ROOT / "pipeline").glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
+                names.add(node.module.split(".")[1])
+            elif isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+                names |= {a.name for a in node.names if (ROOT / "pipeline" / f"{a.name}.py").exists()}
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
+        graph[path.stem] = names - {path.stem}
+
+    def circle_from(module, path):
+        for imported in sorted(graph.get(module, ())):
+            if imported in path:
+                return path[path.index(imported):] + [imported]
+            found = circle_from(imported, path + [imported])
+            if found:
+                return found
+        return None
+
+    circles = [" -> ".join(c) for module in sorted(graph) if (c := circle_from(module, [module]))]
+    assert not circles, f"import circles in pipeline/: {circles[0]}"
