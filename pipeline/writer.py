@@ -8,8 +8,8 @@ reads every chunk marked done (checksums verify on decode; a fill value means th
 again any that fail, saying which on stderr. Only a store whose every chunk is done is marked complete and renamed
 into place; an existing store at the path is moved aside first and deleted only after the new one is in place.
 At a URL (object storage has no rename) the store is written in place, the `complete` mark, written last, is the
-guard, and a completed PUT is durable: there is nothing to fsync. `store_lock` keeps a second writer off a local
-store.
+guard, and a completed PUT is durable: there is nothing to fsync. `store_lock` keeps a second writer off a store:
+an flock for a local one, a lock object created only if absent (S3's conditional write) at a URL.
 """
 
 from __future__ import annotations
@@ -279,13 +279,14 @@ def write_store(path: str | Path, fmt: str, meta: StoreMeta, labels: np.ndarray,
 
 @contextlib.contextmanager
 def store_lock(path: str | Path):
-    """Hold `<path>.lock`, beside the store, for the block: a second writer of the same local store is refused at
-    once, naming the holder (pid, host, start time: the lock file's text). An flock, so a holder that dies however it
-    dies (SIGKILL included) releases it; the file is removed on leaving. A URL store takes no lock."""
-    if is_url(path):
-        yield
+    """Hold `<path>.lock`, beside the store, for the block: a second writer of the same store is refused at once,
+    naming the holder (pid, host, start time: the lock's text). A local store: an flock, so a holder that dies however
+    it dies (SIGKILL included) releases it; the file is removed on leaving. A URL store: `url_lock`."""
+    if is_url(path) and not str(path).startswith("file://"):
+        with url_lock(str(path)):
+            yield
         return
-    path = Path(path)
+    path = Path(str(path).removeprefix("file://"))
     lock = path.with_name(path.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -305,13 +306,70 @@ def store_lock(path: str | Path):
             break
         os.close(fd)  # the holder we waited on removed this file as we opened it: lock the one at the path now
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n".encode())
+    os.write(fd, f"{_holder()}\n".encode())
     try:
         yield
     finally:
         os.unlink(lock)  # before unlocking: who opens the path next gets a new file, never this unlocked one
         os.close(fd)
+
+
+def _holder() -> str:
+    return (f"pid {os.getpid()} on host {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+
+
+@contextlib.contextmanager
+def url_lock(url: str):
+    """Hold the object `<url>.lock` for the block, created only if absent: S3's conditional write (PUT with
+    `If-None-Match: *`, fsspec's `mode="create"`), which AWS S3, MinIO and other S3-compatible servers decide
+    atomically, so of two writers starting together exactly one gets it. The other is refused, naming the holder
+    (pid, host, start time: the object's text). The object is deleted on leaving.
+
+    Limits: an object store cannot tell that a holder died. A lock left by a writer killed on this host (its pid no
+    longer runs) is taken over, so the same command resumes after a SIGKILL; one left by another host is refused
+    with the command that deletes it, to run once that writer is known to be gone. A file system that cannot create
+    conditionally (fsspec's in-memory one: one process only) writes without a lock, saying so."""
+    import fsspec
+
+    lock = f"{url}.lock"
+    fs, where = fsspec.core.url_to_fs(lock)
+    for attempt in range(2):
+        try:
+            fs.pipe_file(where, _holder().encode(), mode="create")
+            break
+        except FileExistsError:
+            holder = fs.cat_file(where).decode(errors="replace").strip()
+            if attempt == 0 and _dead_here(holder):
+                fs.rm_file(where)  # our own host's writer, killed: take its place (a race is settled by create)
+                continue
+            raise StoreError(f"{url}: another `kd cache` is writing this store: {holder} (lock object {lock}); wait "
+                             "for it to end or stop it, then run this command again. If that writer is gone (a crashed "
+                             f"host leaves its lock behind), delete the lock: python -c \"import fsspec; "
+                             f"fsspec.open('{lock}').fs.rm('{lock}')\"") from None
+        except (NotImplementedError, TypeError, ValueError):  # no conditional create on this file system
+            print(f"note: {url}: this file system cannot create an object only if absent, so no lock keeps a second "
+                  "`kd cache` off this store", file=sys.stderr)
+            yield
+            return
+    try:
+        yield
+    finally:
+        fs.rm_file(where)
+
+
+def _dead_here(holder: str) -> bool:
+    """True when a lock's text names a process of this host that no longer runs."""
+    words = holder.split()
+    if len(words) < 5 or words[0] != "pid" or words[4].rstrip(",") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 def fsync_path(path: Path) -> None:
