@@ -160,3 +160,26 @@ def test_a_second_writer_of_an_s3_store_is_refused_naming_the_first(s3, made):
     done = run(s3, "cache", "--params", params, "--teacher", root / "teacher.pt", "--out", url, check=False)
     assert done.returncode == 1 and "pid 1 on host another-host" in done.stderr
     assert "If that writer is gone" in done.stderr and "rm('s3://kd-cache/locked.zarr.lock')" in done.stderr
+
+
+def test_a_team_shares_teacher_and_store_through_a_dvc_remote_on_s3(s3, tmp_path):
+    """One member runs teacher and cache and `dvc push`es them to a DVC remote on the S3 server; a fresh clone
+    `dvc pull`s them, finds both stages up to date (nothing recomputed) and runs only what follows them."""
+    pytest.importorskip("dvc_s3", reason="a DVC remote on S3 needs dvc-s3: pip install -e '.[test]'")
+    from test_dvc import BIN, new_project, ran, run as shell
+
+    dvc = str(BIN / "dvc")
+    first = new_project(tmp_path / "first", **{"data.train_subset": 200})
+    assert ran(shell([dvc, "repro", "cache"], first)) == {"teacher", "cache"}
+    shell([dvc, "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc-remote"], first)  # no endpoint, no keys in it
+    assert "127.0.0.1" not in (first / ".dvc/config").read_text()
+    shell([dvc, "push"], first)
+    shell(["git", "add", "-A"], first)
+    shell(["git", "commit", "-qm", "teacher and store, pushed"], first)
+
+    shell(["git", "clone", "-q", str(first), str(tmp_path / "clone")], tmp_path)
+    clone = tmp_path / "clone"
+    shell([dvc, "pull", "--with-deps", "cache"], clone)
+    assert (clone / "cache/teacher_logits.zarr/zarr.json").is_file() and (clone / "models/teacher.pt").is_file()
+    assert ran(shell([dvc, "repro", "cache"], clone)) == set()  # up to date: nothing recomputed
+    assert ran(shell([dvc, "repro", "distill"], clone)) == {"distill"}  # what follows runs, from the pulled store
