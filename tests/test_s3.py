@@ -183,3 +183,37 @@ def test_a_team_shares_teacher_and_store_through_a_dvc_remote_on_s3(s3, tmp_path
     assert (clone / "cache/teacher_logits.zarr/zarr.json").is_file() and (clone / "models/teacher.pt").is_file()
     assert ran(shell([dvc, "repro", "cache"], clone)) == set()  # up to date: nothing recomputed
     assert ran(shell([dvc, "repro", "distill"], clone)) == {"distill"}  # what follows runs, from the pulled store
+
+
+def two_nodes(env, *args) -> list[str]:
+    """`torchrun --nnodes=2` launched as two separate commands, one per node (node ranks 0 and 1, one process
+    each), meeting at a c10d rendezvous on 127.0.0.1: the README's multi-node commands, on one machine."""
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "-m", "stages.cli", *map(str, args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return outputs
+
+
+def test_two_nodes_cache_into_one_s3_store_and_train_one_student_from_it(s3, made, tmp_path):
+    root, params = made
+    url = f"s3://{BUCKET}/two-nodes.zarr"
+    outputs = two_nodes(s3, "cache", "--params", params, "--teacher", root / "teacher.pt", "--out", url)
+    assert sum(o.count("Wrote s3://") for o in outputs) == 1
+    local, remote = arrays(root / "local.zarr"), arrays(url)
+    assert np.array_equal(local["logits"].view(np.uint16), remote["logits"].view(np.uint16))  # one process's, exactly
+    mlp = write_params(tmp_path / "mlp.yaml", **{
+        "teacher.arch": "cnn", "cache.chunk_samples": 64, "cache.batch_size": 32, "cache.num_views": VIEWS,
+        "memory_mb": 0, "distill.student": "mlp", "distill.epochs": 1, "distill.batch_size": 64,
+        "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})
+    run(s3, "distill", "--params", mlp, "--teacher", root / "teacher.pt", "--cache", url, "--out", tmp_path / "one.pt")
+    outputs = two_nodes(s3, "distill", "--params", mlp, "--teacher", root / "teacher.pt", "--cache", url, "--out",
+                        tmp_path / "two.pt")
+    assert sum(o.count("validation accuracy") for o in outputs) == 1  # one world of two: only its rank 0 reports
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["state_dict"] for n in ("one", "two"))
+    assert a.keys() == b.keys()
+    for name in a:  # DDP over the two nodes: one process's student up to floating-point order (as on one node)
+        assert torch.allclose(a[name], b[name], atol=1e-5), (name, (a[name] - b[name]).abs().max())
