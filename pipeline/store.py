@@ -230,12 +230,38 @@ class LogitStore:
         size = self.meta.chunk_samples
         chunk_of = samples // size
         out = {name: np.empty((len(samples), a.shape[2]), dtype=a.dtype) for name, a in self._arrays.items()}
+        self._load([int(k) for k in np.unique(chunk_of) if k not in self._chunks])
         for k in np.unique(chunk_of):
             block = self._chunk(int(k))
             rows = chunk_of == k
             for name in out:
                 out[name][rows] = block[name][samples[rows] - k * size, views[rows]]
         return out
+
+    def _load(self, missing: list[int]) -> None:
+        """Decode the chunks `missing` (sorted) into the cache, each run of consecutive chunks (at most the cache's
+        capacity) in one read: zarr fetches the chunks of one read concurrently, so a batch that needs a window of
+        chunks from object storage waits for about one request's latency, not one per chunk. The values are those
+        chunk by chunk reads give (the same decoded chunks, split at their boundaries)."""
+        runs, capacity = [], max(1, self.chunk_capacity - 1)
+        for k in missing:
+            if runs and k == runs[-1][-1] + 1 and len(runs[-1]) < capacity:
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        for run in (r for r in runs if len(r) > 1):
+            first, stop = self.meta.chunk_rows(run[0])[0], self.meta.chunk_rows(run[-1])[1]
+            where = f"chunks {run[0]}..{run[-1]} (rows {first}..{stop - 1})"
+            blocks = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where))
+                      for name, a in self._arrays.items()}
+            for k in run:
+                start, end = (row - first for row in self.meta.chunk_rows(k))
+                self._keep(k, {name: block[start:end].copy() for name, block in blocks.items()})  # own memory
+
+    def _keep(self, k: int, block: dict[str, np.ndarray]) -> None:
+        self._chunks[k] = block
+        while len(self._chunks) > self.chunk_capacity:
+            self._chunks.popitem(last=False)
 
     def _chunk(self, k: int) -> dict[str, np.ndarray]:
         if k in self._chunks:
@@ -244,9 +270,7 @@ class LogitStore:
         first, stop = self.meta.chunk_rows(k)
         where = f"chunk {k} (rows {first}..{stop - 1})"
         block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where)) for name, a in self._arrays.items()}
-        self._chunks[k] = block
-        while len(self._chunks) > self.chunk_capacity:
-            self._chunks.popitem(last=False)
+        self._keep(k, block)
         return block
 
     def verify_chunks(self) -> int:

@@ -217,3 +217,22 @@ def test_two_nodes_cache_into_one_s3_store_and_train_one_student_from_it(s3, mad
     assert a.keys() == b.keys()
     for name in a:  # DDP over the two nodes: one process's student up to floating-point order (as on one node)
         assert torch.allclose(a[name], b[name], atol=1e-5), (name, (a[name] - b[name]).abs().max())
+
+
+def test_a_batch_across_chunks_of_an_s3_store_reads_what_memory_holds(s3, made):
+    """Out of core, the chunks a batch needs are fetched a run of consecutive ones per read (concurrently, by
+    zarr): the values equal the whole store's in memory, in any order of samples and views."""
+    from pipeline.store import LogitStore
+
+    root, params = made
+    url = f"s3://{BUCKET}/batches.zarr"
+    run(s3, "cache", "--params", params, "--teacher", root / "teacher.pt", "--out", url)
+    whole = LogitStore(root / "local.zarr")
+    rng = np.random.default_rng(0)
+    for budget_chunks in (3, 6):
+        store = LogitStore(url, max_memory_bytes=budget_chunks * 64 * VIEWS * 10 * 2)
+        assert not store.in_memory and store.chunk_capacity == budget_chunks
+        for first in (0, 3, 5):  # batches over chunks first..first+3, some cached, some not
+            samples = rng.integers(first * 64, (first + 4) * 64, size=256)
+            views = rng.integers(VIEWS, size=256)
+            assert np.array_equal(store.read(samples, views).view(np.uint16), whole.read(samples, views).view(np.uint16))
