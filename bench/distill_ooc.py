@@ -10,6 +10,8 @@ random float16 logits written once per run:
   memory       the zarr store loaded into memory (`LogitStore`'s default when it fits), read per batch
   zarr / hdf5  the store read through its chunk cache with `memory_mb` = store size / 10, windowed shuffle
                (`distill.shuffle_chunks`), read-ahead thread (`kd distill`'s setting for stores larger than memory)
+  s3           (--s3) the zarr store at an s3:// URL on a local S3 server (moto's server mode on 127.0.0.1, started
+               here, reached through AWS_ENDPOINT_URL), read as zarr is, within the same budget
 (A full shuffle of a store larger than memory decodes most chunks for every batch: far slower, so left out; the
 distill-step figures in BENCHMARKS.md time it.)
 Variants alternate within each repeat; the tables give medians and per-repeat ratio medians. Students: tiny_cnn
@@ -18,7 +20,7 @@ on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.jso
   distill_memory_vs_oracle[_resnet20],
   distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
   distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows); with --workers N the keys end
-  in _wN (_gpu before it on a GPU).
+  in _wN (_gpu before it on a GPU); with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ def chunk_for(samples: int) -> int:
 VARIANTS = ("floor", "oracle", "memory", "zarr", "hdf5")
 
 
+def s3_server() -> str:
+    """Start moto's S3 server on 127.0.0.1 (a thread of this process, serving the variants' processes), point the
+    environment at it, make a bucket; return its s3:// prefix."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3").create_bucket(Bucket="kd-bench")
+    return "s3://kd-bench"
+
+
 def write_stores(root: Path, classes: int, samples: int, views: int) -> dict[str, Path]:
     from pipeline.store import StoreMeta
     from pipeline.writer import write_store
@@ -65,6 +85,8 @@ def write_stores(root: Path, classes: int, samples: int, views: int) -> dict[str
                      teacher_arch="bench", teacher_fingerprint="bench", dataset_fingerprint="bench")
     labels = np.random.default_rng(0).integers(classes, size=samples)
     paths = {"zarr": root / "logits.zarr", "hdf5": root / "logits.h5"}
+    if "s3" in VARIANTS:
+        paths["s3"] = os.environ["KD_BENCH_S3"] + f"/{root.name}/logits.zarr"
     for fmt, path in paths.items():
         rng = np.random.default_rng(1)
 
@@ -73,7 +95,7 @@ def write_stores(root: Path, classes: int, samples: int, views: int) -> dict[str
                 first, stop = meta.chunk_rows(k)
                 yield k, rng.normal(0, 3, (stop - first, views, classes)).astype(np.float32)
 
-        write_store(path, fmt, meta, labels, blocks())
+        write_store(path, "zarr" if fmt == "s3" else fmt, meta, labels, blocks())
     return paths
 
 
@@ -109,7 +131,8 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
         assert store.in_memory
         targets = store_targets(store)
     else:
-        path = root / ("logits.h5" if variant == "hdf5" else "logits.zarr")
+        path = {"hdf5": root / "logits.h5", "zarr": root / "logits.zarr",
+                "s3": os.environ.get("KD_BENCH_S3", "") + f"/{root.name}/logits.zarr"}[variant]
         store = LogitStore(path, max_memory_bytes=budget)
         assert not store.in_memory
         targets, prefetch = store_targets(store), PREFETCH
@@ -171,9 +194,11 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
     ratio = lambda a, b: statistics.median(x["per_s"] / y["per_s"] for x, y in zip(runs[a], runs[b]))  # noqa: E731
     results = {f"distill_oracle_vs_floor{suffix}": ratio("oracle", "floor")}
     results[f"distill_memory_vs_oracle{suffix}"] = ratio("memory", "oracle")
-    for fmt in ("zarr", "hdf5"):
+    for fmt in ("zarr", "hdf5", "s3")[:3 if "s3" in VARIANTS else 2]:
         results[f"distill_ooc_vs_floor_{fmt}{suffix}"] = ratio(fmt, "floor")
         results[f"distill_ooc_vs_oracle_{fmt}{suffix}"] = ratio(fmt, "oracle")
+    if "s3" in VARIANTS:
+        results[f"distill_ooc_s3_vs_zarr{suffix}"] = ratio("s3", "zarr")
     floor_rss = statistics.median(x["rss_mb"] for x in runs["floor"])
     results[f"distill_ooc_peak_rss_mb{suffix}"] = max(x["rss_mb"] for v in ("zarr", "hdf5") for x in runs[v]) - floor_rss
     results[f"distill_ooc_budget_mb{suffix}"] = runs["zarr"][0]["budget_mb"]
@@ -208,13 +233,19 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--workers", default=0, show_default=True,
               help="DataLoader workers in every variant (with >= 1, a store larger than memory is read in them).")
 @click.option("--quick", is_flag=True, help="Smoke run: a small tiny-student setup, no scaling run.")
+@click.option("--s3", "with_s3", is_flag=True, help="Add the s3 variant: the zarr store on a local S3 server.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, variant, setup, samples, root):
-    global DEVICE, SETUPS, WORKERS
+def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, variant, setup, samples,
+         root):
+    global DEVICE, SETUPS, WORKERS, VARIANTS
     DEVICE, WORKERS = device_name, workers
+    if with_s3 or variant == "s3":
+        VARIANTS = (*VARIANTS, "s3")
+        if not variant:
+            os.environ["KD_BENCH_S3"] = s3_server()
     if device_name != "cpu":
         SETUPS = {**SETUPS, **GPU_SETUPS}
         setups, scaling_run = ",".join(GPU_SETUPS), False
@@ -235,7 +266,8 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
         if scaling_run:
             results.update(scaling(Path(tmp)))
     lines = ["", "## Distilling from a store larger than memory", "",
-             f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}"
+             f"{' --s3' if 's3' in VARIANTS else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
