@@ -26,9 +26,18 @@ run: install
 	print(f\"Distillation gain over the student alone: {100 * m['kd_gain']:+.2f} points (the teacher is \" \
 	      f\"{100 * (m['teacher_acc'] - m['baseline_acc']):.2f} points ahead of the student alone): reports/report.md\")"
 
+# Two pytest-xdist workers, each taking a whole test file at a time, the slowest files first (tests/conftest.py).
 test: install
-	pytest -q
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
+# `make bench`: every CPU benchmark in bench/, each writing its section of BENCHMARKS.md (throughput.py writes the file
+# afresh, the others append) and merging its keys into bench/results.json, through bench/output.py; hours on a 2-core
+# CPU. Each also runs alone, from the repository root: `python bench/<name>.py --help` (its docstring: what it
+# measures, how to run it). search.py times `kd search` on the default pipeline's store, hence `dvc repro cache`.
+# Not run here: bench/results/gpu.sh and gpu_cache_limits.sh (BENCHMARKS-GPU.md; on a CUDA machine,
+# `bash bench/results/gpu.sh`), profile_cache.py and replay_check.py (checks on a GPU, printed only; run by those two
+# scripts), and topk.py --store on a real teacher's store (`bash studies/scripts/topk_many_classes.sh`, which needs
+# MNIST in ../shared/data). The accuracy tables of RESULTS.md are studies: studies/README.md.
 bench: install
 	python bench/throughput.py --out BENCHMARKS.md --json bench/results.json
 	python bench/integrity.py --append BENCHMARKS.md --json bench/results.json
@@ -36,7 +45,18 @@ bench: install
 	python bench/cache_throughput.py --append BENCHMARKS.md --json bench/results.json
 	python bench/zarr_codecs.py --append BENCHMARKS.md --json bench/results.json
 	python bench/distill_ooc.py --append BENCHMARKS.md --json bench/results.json
+	OMP_NUM_THREADS=1 python bench/distill_ooc.py --setups tiny --s3 --repeats 2 --no-scaling --append BENCHMARKS.md \
+	    --json bench/results.json
 	OMP_NUM_THREADS=1 python bench/student_speed.py --append BENCHMARKS.md --json bench/results.json
+	python bench/ensemble_reads.py --append BENCHMARKS.md --json bench/results.json
+	python bench/imagefolder_cache.py --append BENCHMARKS.md --json bench/results.json
+	python bench/teacher_compile.py --append BENCHMARKS.md --json bench/results.json
+	python bench/cache_batch_size.py --append BENCHMARKS.md --json bench/results.json
+	python bench/resume_cost.py --append BENCHMARKS.md --json bench/results.json
+	dvc repro cache
+	python bench/search.py --append BENCHMARKS.md --json bench/results.json
+	OMP_NUM_THREADS=1 python bench/fault_soak.py --fsync-cost --append BENCHMARKS.md --json bench/results.json
+	OMP_NUM_THREADS=1 python bench/fault_soak.py --stage cache,distill --append BENCHMARKS.md --json bench/results.json
 
 clean:
 	rm -rf models cache reports

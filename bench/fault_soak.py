@@ -4,7 +4,7 @@ cache's per-chunk fsyncs cost.
 
 Usage: python bench/fault_soak.py [--stage cache,distill] [--kills 5] [--formats zarr,hdf5] [--ranks 1,2] [--seed 0]
                                   [--append BENCHMARKS.md] [--json bench/results.json]
-       python bench/fault_soak.py --fsync-cost [--repeats 3] [--json bench/results.json]
+       python bench/fault_soak.py --fsync-cost [--repeats 3] [--append BENCHMARKS.md] [--json bench/results.json]
 
 `kd cache` (a cnn teacher over digits, 17 chunks of 64 samples x 8 views) runs --kills times per configuration
 (format x ranks, torchrun on CPU for 2 ranks), each time SIGKILLed with all its processes at a moment drawn in
@@ -371,7 +371,7 @@ def digits_cache(root: Path) -> None:
     remove(out)
 
 
-def measure_fsync_cost(repeats: int, json_path) -> None:
+def measure_fsync_cost(repeats: int, out, json_path) -> None:
     """Each case with and without fsyncs, alternated; medians. The time inside fsync is the direct measure (the
     cache writes in a background thread while the teacher computes, so it is hidden there unless writes dominate)."""
     cases = {  # name: (run it into a folder, chunks written)
@@ -401,9 +401,11 @@ def measure_fsync_cost(repeats: int, json_path) -> None:
             print(lines[-1], flush=True)
             results[f"fsync_cost_{name}_ratio"] = on / off
             results[f"fsync_cost_{name}_ms_per_chunk"] = spent / chunks * 1e3
-    publish(["", f"`python bench/fault_soak.py --fsync-cost --repeats {repeats}`: medians of {repeats} alternated "
+    publish(["", "## The cache's fsync per chunk", "",
+             f"`python bench/fault_soak.py --fsync-cost --repeats {repeats}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): medians of {repeats} alternated "
              "runs; 'inside fsync' is the time spent in os.fsync (creation, chunks, marks, completion)", "", *lines],
-            results, json_path=json_path)
+            results, append_to=out, json_path=json_path)
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def measure_fsync_cost(repeats: int, json_path) -> None:
 @click.option("--json", "json_path", default=None, help="Merge the counts into this flat JSON object.")
 def main(stages, kills, formats, ranks_list, seed, fsync_cost, repeats, out, json_path):
     if fsync_cost:
-        measure_fsync_cost(repeats, json_path)
+        measure_fsync_cost(repeats, out, json_path)
         return
     rng = random.Random(seed)
     trials: list[Trial] = []

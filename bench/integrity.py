@@ -90,18 +90,14 @@ def main(repeats, out, json_path):
                         (with_ + fin) / without
             arrays[True]["hdf5"].file.close()
             arrays[False]["hdf5"].file.close()
-    if out:
-        intro = ["", "## Cost of the store's integrity checks at read time", "",
-                 f"`python bench/integrity.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): "
-                 "chunk checksums (zarr `crc32c` codec, HDF5 `fletcher32`) plus the finite-value check "
-                 "`LogitStore` runs, against the same reads without either; float16 stores, chunks of "
-                 f"{CHUNK} samples, files in the page cache; medians of {repeats} alternated repeats. Shuffled "
-                 "batches are the per-step cost when reading from disk; a whole-store load happens once per run.",
-                 ""]
-        with open(out, "a") as f:
-            f.write("\n".join(intro + lines) + "\n")
-    if json_path:
-        publish([], results, json_path=json_path)
+    intro = ["", "## Cost of the store's integrity checks at read time", "",
+             f"`python bench/integrity.py --repeats {repeats}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): "
+             "chunk checksums (zarr `crc32c` codec, HDF5 `fletcher32`) plus the finite-value check "
+             "`LogitStore` runs, against the same reads without either; float16 stores, chunks of "
+             f"{CHUNK} samples, files in the page cache; medians of {repeats} alternated repeats. Shuffled "
+             "batches are the per-step cost when reading from disk; a whole-store load happens once per run.",
+             ""]
+    publish(intro + lines, results, append_to=out, json_path=json_path, quiet=True)  # its rows printed as measured
 
 
 if __name__ == "__main__":

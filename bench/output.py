@@ -1,15 +1,21 @@
-"""Where a benchmark's figures go: printed, appended to a markdown file, merged into the flat results JSON."""
+"""Where a benchmark's figures go: printed, appended to a markdown file, merged into the flat results JSON.
+
+Every benchmark in bench/ writes its markdown section and its JSON keys through `publish` (a script there imports it
+as `from output import publish`: Python puts the script's folder first on sys.path)."""
 
 import json
 from pathlib import Path
 
 
-def publish(lines: list[str], results: dict | None = None, append_to=None, json_path=None) -> None:
-    """Print `lines`; append them to `append_to` (markdown) and merge `results` (flat {key: number}, rounded to
-    4 digits) into the JSON object at `json_path`, each when given."""
-    print("\n".join(lines))
+def publish(lines: list[str], results: dict | None = None, append_to=None, json_path=None, quiet: bool = False,
+            new_file: bool = False) -> None:
+    """Print `lines` (unless `quiet`); append them to `append_to` (markdown; with `new_file`, write it afresh: the
+    first section of BENCHMARKS.md) and merge `results` (flat {key: number}, rounded to 4 digits) into the JSON
+    object at `json_path`, each when given."""
+    if not quiet:
+        print("\n".join(lines))
     if append_to:
-        with open(append_to, "a") as f:
+        with open(append_to, "w" if new_file else "a") as f:
             f.write("\n".join(lines) + "\n")
     if json_path and results:
         path = Path(json_path)

@@ -5,8 +5,11 @@ Runs the search of `params.yaml` (the digits default unless you pass another fil
 the workers' start-up counted), alternated `--repeats` times on fresh result files; prints the wall-clock medians,
 their ratio, and checks that both give the same rows. For reference (not a setting), also one process with one
 torch thread: it tells the gain of processes from the cost of threads contending for the cores.
+The store is the default pipeline's (`dvc repro cache`, or `make run`). Keys in results.json (--json):
+search_processes_<N>_vs_1 (wall-clock time with N processes / with 1), search_one_thread_vs_1 (the reference) and
+search_identical_rows (1: all three gave the same rows).
 Usage: python bench/search.py [--params params.yaml] [--cache cache/teacher_logits.zarr] [--processes 2]
-       [--repeats 3] [--append BENCHMARKS.md]
+       [--repeats 3] [--append BENCHMARKS.md] [--json bench/results.json]
 """
 
 import dataclasses
@@ -21,6 +24,7 @@ import click
 import torch
 
 import pipeline.search
+from output import publish
 from pipeline.data import load_dataset
 from pipeline.params import load_params
 from pipeline.search import cores, search
@@ -52,7 +56,8 @@ def timed_search(store, data, params, processes: int, folder: Path) -> tuple[flo
 @click.option("--processes", default=2, show_default=True, help="Worker processes to compare with 1.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--append", "append_to", default=None, help="Append the table to this markdown file.")
-def main(params_path, cache_path, processes, repeats, append_to):
+@click.option("--json", "json_path", default=None, help="Merge the ratios into this flat JSON object.")
+def main(params_path, cache_path, processes, repeats, append_to, json_path):
     params = load_params(params_path)
     data = load_dataset(params.data)
     store = LogitStore(cache_path, max_memory_bytes=params.memory_mb << 20)
@@ -84,10 +89,9 @@ def main(params_path, cache_path, processes, repeats, append_to):
         f"| reference: 1, one thread | 1 | {single:.2f} | {', '.join(f'{t:.2f}' for t in times[ONE_THREAD])} |", "",
         f"processes {processes} / processes 1: {many / one:.2f}x the time (one process with one thread: "
         f"{single / one:.2f}x); identical rows: {same}", ""]
-    print("\n".join(lines))
-    if append_to:
-        with open(append_to, "a") as f:
-            f.write("\n" + "\n".join(lines))
+    results = {f"search_processes_{processes}_vs_1": many / one, "search_one_thread_vs_1": single / one,
+               "search_identical_rows": float(same)}
+    publish([""] + lines, results, append_to=append_to, json_path=json_path)
 
 
 if __name__ == "__main__":

@@ -465,9 +465,9 @@ def main(out_path, repeats, quick, window_s, device_name, budget, threads, json_
     lines = intro_lines(repeats, window_s, quick) + machine_lines(device, load_before, os.getloadavg()) + [
         f"- Run: {repeats} repeats, about {window_s:g} s per timing window, {fmt_duration(total)} in all", "",
         "## Results", ""] + sections + teacher_report(teacher_rows)
-    Path(out_path).write_text("\n".join(lines).rstrip() + "\n")
-    if json_path:
-        publish([], results, json_path=json_path)
+    while lines and not lines[-1]:
+        lines.pop()
+    publish(lines, results, append_to=out_path, json_path=json_path, quiet=True, new_file=True)
     click.echo(f"wrote {out_path} ({fmt_duration(total)})", err=True)
 
 

@@ -218,7 +218,7 @@ def ensemble_section(metrics: dict) -> Section:
     return Section("Ensemble of teachers", [
         f"{len(ensemble['teachers'])} teachers. The ensemble predicts the argmax of their test logits mixed as "
         f"`kd distill` mixes their stores into the student's targets: rule `{ensemble['rule']}`, the weights below, "
-        f"T = {ensemble['temperature']:g} (README, \"Ensembles\"). Elsewhere in this report, \"Teacher\" is "
+        f"T = {ensemble['temperature']:g} (docs/ensembles.md). Elsewhere in this report, \"Teacher\" is "
         f"teacher 0 (`{ensemble['teachers'][0]}`).",
         Table(["model", "checkpoint", "architecture", "weight", "test accuracy", "distilled student's top-1 agreement"],
               rows),

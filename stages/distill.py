@@ -22,8 +22,8 @@ from stages.common import (default_store, device_option, live_log, open_run_stor
 def distill(params_path, device, teacher_paths, cache_paths, out, live_dir, baseline):
     """Train distill.student and save it to OUT (under torchrun: one DDP rank per process, rank 0 writes).
 
-    Several teachers (an ensemble): one --cache and one --teacher each, mixed by distill.ensemble (README,
-    "Ensembles"). Resumable: after every epoch the run's state goes to OUT.resume; the same command after a kill
+    Several teachers (an ensemble): one --cache and one --teacher each, mixed by distill.ensemble
+    (docs/ensembles.md). Resumable: after every epoch the run's state goes to OUT.resume; the same command after a kill
     continues from it (weights bit-identical to an uninterrupted run on the CPU), and it is deleted once OUT is
     written.
     """
@@ -147,7 +147,7 @@ def _out_of_core_advice(store, shuffle_chunks: int, memory_mb: int) -> None:
     if shuffle_chunks == 0:
         click.echo(f"note: {store.path} is larger than memory_mb ({memory_mb}) and distill.shuffle_chunks is 0 "
                    "(a full shuffle): every batch reads from most chunks, which is slow; set distill.shuffle_chunks "
-                   "(e.g. 4) to shuffle within windows of chunks (README, 'Stores larger than memory')", err=True)
+                   "(e.g. 4) to shuffle within windows of chunks (docs/large-stores.md)", err=True)
     elif store.chunk_capacity < shuffle_chunks + 1:
         click.echo(f"note: memory_mb ({memory_mb}) holds {store.chunk_capacity} decoded chunks of {store.path}, fewer "
                    f"than a window of distill.shuffle_chunks ({shuffle_chunks}) + 1: chunks will be decoded more than "

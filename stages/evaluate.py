@@ -50,7 +50,7 @@ def evaluate(params_path, device, teacher_paths, student_path, baseline_path, te
 
     Several --teacher (an ensemble): the first is the report's teacher; each teacher's test accuracy, the
     ensemble's (their logits mixed by distill.ensemble at distill.temperature, as the student's targets were) and
-    the student's agreement with each are added (README, "Ensembles")."""
+    the student's agreement with each are added (docs/ensembles.md)."""
     import dataclasses
     from pathlib import Path
 

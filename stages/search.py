@@ -28,7 +28,7 @@ def search(params_path, device, teacher_paths, cache_paths, out, figure, metrics
     """Search distill.temperature and distill.kd_weight (params `search`), scored on the validation split.
 
     Several teachers (an ensemble): one --cache and one --teacher each; every trial mixes their stores by
-    distill.ensemble, as `kd distill` does (README, "Ensembles")."""
+    distill.ensemble, as `kd distill` does (docs/ensembles.md)."""
     from pipeline import KDError
     from pipeline.data import load_dataset
     from pipeline.ensemble import check_distinct, check_same_views

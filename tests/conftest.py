@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,18 @@ TRANSFORM = input_transform(build_augment(AUGMENT), MEAN, STD)  # uint8 image ->
 EVAL = input_transform(None, MEAN, STD)
 ADAM = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, nesterov=False, weight_decay=0.0,
                    schedule="step", lr_milestones=[], lr_factors=[])
+
+# The files that start many processes (kd commands, torchrun, dvc repro), slowest first. `make test` runs the suite
+# on two pytest-xdist workers a file at a time (--dist loadfile --no-loadscope-reorder): these start first and the
+# quick files even out the two workers' ends. A plain `pytest` keeps the usual order.
+SLOWEST_FILES = ("test_dvc.py", "test_resume.py", "test_resume_training.py", "test_s3.py", "test_ensemble_dvc.py",
+                 "test_distributed.py", "test_bench.py", "test_ensemble.py", "test_mix.py")
+
+
+def pytest_collection_modifyitems(items):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        rank = {name: k for k, name in enumerate(SLOWEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
 
 
 def write_params(path: Path, **overrides) -> Path:
@@ -63,11 +76,28 @@ def train_subset(dataset) -> Split:
 
 
 @pytest.fixture(scope="session")
-def teacher(dataset):
-    """A CNN teacher trained for two epochs: logits on a realistic scale (eval mode)."""
-    model = build_model("cnn", 1, dataset.num_classes)
-    return train_teacher(model, dataset.train, dataset.val, TRANSFORM, EVAL, epochs=2, batch_size=64, optim=ADAM,
-                         seed=0, device=torch.device("cpu"))
+def teacher(dataset, tmp_path_factory):
+    """A CNN teacher trained for two epochs: logits on a realistic scale (eval mode). Under pytest-xdist (`make
+    test`) the first worker to need it trains it and leaves its weights in the run's shared folder; the others load
+    them (the same model, bit for bit) instead of training it again."""
+    def trained():
+        model = build_model("cnn", 1, dataset.num_classes)
+        return train_teacher(model, dataset.train, dataset.val, TRANSFORM, EVAL, epochs=2, batch_size=64,
+                             optim=ADAM, seed=0, device=torch.device("cpu"))
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return trained()
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "teacher_weights.pt"  # this run's, seen by every worker
+    with FileLock(f"{shared}.lock"):
+        if shared.exists():
+            model = build_model("cnn", 1, dataset.num_classes)
+            model.load_state_dict(torch.load(shared, weights_only=True))
+            return model.eval()
+        model = trained()
+        torch.save(model.state_dict(), shared)
+        return model
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,9 @@ def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
     from test_sources import write_mnist
 
     write_mnist(tmp_path / "mnist", gz=True, train=5, test=3)
-    subprocess.run([sys.executable, str(ROOT / "bench/mnist_pairs.py"), "--mnist", str(tmp_path / "mnist"), "--out",
-                    str(tmp_path / "pairs"), "--train", "12", "--test", "4"], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, str(ROOT / "studies/scripts/mnist_pairs.py"), "--mnist", str(tmp_path / "mnist"),
+                    "--out", str(tmp_path / "pairs"), "--train", "12", "--test", "4"], check=True, capture_output=True,
+                   cwd=ROOT)
     source = load_source("cifar100", tmp_path / "pairs")
     assert source.train_images.shape == (12, 3, 32, 32) and source.test_images.shape == (4, 3, 32, 32)
     assert len(source.classes) == 100 and source.classes[37] == "37"

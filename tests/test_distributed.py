@@ -47,13 +47,19 @@ def distill(params: Path, root: Path, out: Path, ranks: int) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """A teacher and its store, made by `kd teacher` and `kd cache` in this process: every run compared here reads
+    the same two files."""
+    from click.testing import CliRunner
+
+    from stages.cli import kd
+
     root = tmp_path_factory.mktemp("ddp")
     params = write_params(root / "params.yaml", **{"distill.student": "mlp", "distill.epochs": 2,
                                                    "distill.batch_size": 64})
     for stage, args in (("teacher", ["--out", str(root / "teacher.pt")]),
                         ("cache", ["--teacher", str(root / "teacher.pt"), "--out", str(root / "logits.zarr")])):
-        subprocess.run([sys.executable, "-m", "stages.cli", stage, "--params", str(params), *args], check=True,
-                       env=ENV, capture_output=True)
+        result = CliRunner().invoke(kd, [stage, "--params", str(params), *args])
+        assert result.exit_code == 0, result.output
     return root
 
 

@@ -238,6 +238,10 @@ def test_mix_params_are_checked_and_fresh_views_need_the_live_teacher(tmp_path):
 
 def test_fresh_views_with_mixing_through_the_stages(tmp_path):
     """`kd distill` online with view_schedule fresh and mixing: each epoch a new mixed view of every sample."""
+    from click.testing import CliRunner
+
+    from stages.cli import kd as command
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     params = write_params(tmp_path / "p.yaml", **{
         "data.train_subset": 200, "distill.view_schedule": "fresh", "distill.teacher_source": "online",
@@ -249,6 +253,7 @@ def test_fresh_views_with_mixing_through_the_stages(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 
-    kd("teacher", "--out", str(tmp_path / "t.pt"))
+    teacher = CliRunner().invoke(command, ["teacher", "--params", str(params), "--out", str(tmp_path / "t.pt")])
+    assert teacher.exit_code == 0, teacher.output  # the teacher made in this process; `kd distill` in its own
     out = kd("distill", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "s.pt"))
     assert "validation accuracy" in out

@@ -1,5 +1,5 @@
 """Nothing silently wrong: each input that once trained on garbage or died in a traceback now stops the stage
-with exit status 1 and one message naming the file, key or value (the README's list of refusals)."""
+with exit status 1 and one message naming the file, key or value (docs/refusals.md, the list of refusals)."""
 
 import shutil
 
@@ -157,7 +157,7 @@ def test_a_diverging_student_stops_with_a_clear_error_not_a_chance_level_model(m
 def test_a_users_checkpoint_without_options_or_image_size_is_taken(tmp_path):
     model = build_model("tiny_cnn", 1, 10, seed=0)
     torch.save({"arch": "tiny_cnn", "in_channels": 1, "num_classes": 10, "state_dict": model.state_dict()},
-               tmp_path / "mine.pt")  # the README's minimal dict: no "options", no "image_size"
+               tmp_path / "mine.pt")  # docs/teachers.md's minimal dict: no "options", no "image_size"
     params = write_params(tmp_path / "params.yaml", **{"teacher.checkpoint": str(tmp_path / "mine.pt")})
     result = invoke("teacher", "--params", params, "--out", tmp_path / "teacher.pt")
     assert result.exit_code == 0, (result.output, result.exception)

@@ -109,14 +109,14 @@ def test_unknown_transform_name_is_a_clear_error():
 
 
 def test_readme_replay_snippet_rebuilds_the_cached_view():
-    """The README's stand-alone function gives exactly the view the pipeline replays."""
+    """The stand-alone function of docs/store.md gives exactly the view the pipeline replays."""
     import json
     import re
 
     from pipeline.data import input_transform
     from conftest import ROOT
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs/store.md").read_text()
     code = re.search(r"```python\n(import json.*?def replayed_view.*?)```", readme, re.S).group(1)
     namespace = {}
     exec(code, namespace)

@@ -22,18 +22,44 @@ KD = [sys.executable, "-m", "stages.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 VIEWS = 8  # ~3 s of teacher work: the kills land mid-way, not after the run ends
+FAST = {"teacher.arch": "cnn", "teacher.epochs": 0, "cache.chunk_samples": 64, "cache.batch_size": 32,
+        "cache.num_views": 2}  # the same 17 chunks, in a quarter of the time: these kills need no slow teacher
+CHUNKS = 17
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """An untrained (seeded) cnn teacher: slow enough (~8 s for the cache) to be killed mid-way."""
+    """An untrained (seeded) cnn teacher: slow enough (~8 s for the cache) to be killed mid-way. `kd teacher` with
+    0 epochs only builds and saves it, so it runs in this process (no interpreter to start)."""
+    from click.testing import CliRunner
+
+    from stages.cli import kd
+
     root = tmp_path_factory.mktemp("resume")
     params = write_params(root / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
                                                    "cache.chunk_samples": 64, "cache.batch_size": 32,
                                                    "cache.num_views": VIEWS})
-    subprocess.run([*KD, "teacher", "--params", str(params), "--out", str(root / "teacher.pt")], check=True,
-                   env=ENV, capture_output=True)
+    result = CliRunner().invoke(kd, ["teacher", "--params", str(params), "--out", str(root / "teacher.pt")])
+    assert result.exit_code == 0, result.output
     return root, params
+
+
+@pytest.fixture(scope="module")
+def references(setup, tmp_path_factory):
+    """(fmt, views) -> (params, an uninterrupted `kd cache` run's store), each made on first use and shared by the
+    tests that compare with it: the kill tests with VIEWS views (for time to land mid-way), the others with 2."""
+    root, _ = setup
+    made = {}
+
+    def reference(fmt, views=2):
+        if (fmt, views) not in made:
+            folder = tmp_path_factory.mktemp(f"reference-{fmt}-{views}")
+            params = write_params(folder / "params.yaml", **{**FAST, "cache.format": fmt, "cache.num_views": views})
+            cache(params, root, folder / f"reference.{fmt}")
+            made[fmt, views] = params, folder / f"reference.{fmt}"
+        return made[fmt, views]
+
+    return reference
 
 
 def cache(params, root, out, kill_at=None, ranks=1):
@@ -107,13 +133,9 @@ def contents(path, fmt):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_killed_cache_resumes_to_the_same_store_bit_for_bit(setup, fmt, tmp_path):
-    root, params = setup
-    params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
-                                                       "cache.chunk_samples": 64, "cache.batch_size": 32,
-                                                       "cache.format": fmt, "cache.num_views": VIEWS})
-    reference = tmp_path / f"reference.{fmt}"
-    cache(params, root, reference)
+def test_killed_cache_resumes_to_the_same_store_bit_for_bit(setup, references, fmt, tmp_path):
+    root, _ = setup
+    params, reference = references(fmt, VIEWS)
     store = tmp_path / f"resumed.{fmt}"
     total = 1077 * VIEWS
     for kill_at in (total // 5, total // 2):  # killed twice, at different points
@@ -143,15 +165,12 @@ def test_resuming_with_other_params_is_refused(setup, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_two_ranks_write_the_same_store_and_resume_with_any_number_of_ranks(setup, fmt, tmp_path):
+def test_two_ranks_write_the_same_store_and_resume_with_any_number_of_ranks(setup, references, fmt, tmp_path):
     """torchrun with 2 CPU processes (gloo): the same store bit for bit as one process; a killed 2-rank run
     resumes with 1 rank, and a killed 1-rank run with 2 ranks."""
     root, _ = setup
-    params = write_params(tmp_path / "params.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
-                                                       "cache.chunk_samples": 64, "cache.batch_size": 32,
-                                                       "cache.format": fmt, "cache.num_views": VIEWS})
-    reference, two = tmp_path / f"one.{fmt}", tmp_path / f"two.{fmt}"
-    cache(params, root, reference)
+    params, reference = references(fmt, VIEWS)
+    two = tmp_path / f"two.{fmt}"
     cache(params, root, two, ranks=2)
     first, second = contents(reference, fmt), contents(two, fmt)
     assert np.array_equal(first[0].view(np.uint16), second[0].view(np.uint16))
@@ -217,26 +236,6 @@ from stages.cli import kd
 
 kd(sys.argv[4:])
 """
-FAST = {"teacher.arch": "cnn", "teacher.epochs": 0, "cache.chunk_samples": 64, "cache.batch_size": 32,
-        "cache.num_views": 2}  # the same 17 chunks, in a quarter of the time: these kills need no slow teacher
-CHUNKS = 17
-
-
-@pytest.fixture(scope="module")
-def references(setup, tmp_path_factory):
-    """fmt -> (params, an uninterrupted run's store) with FAST params, each made on first use."""
-    root, _ = setup
-    made = {}
-
-    def reference(fmt):
-        if fmt not in made:
-            folder = tmp_path_factory.mktemp(f"reference-{fmt}")
-            params = write_params(folder / "params.yaml", **FAST, **{"cache.format": fmt})
-            cache(params, root, folder / f"reference.{fmt}")
-            made[fmt] = params, folder / f"reference.{fmt}"
-        return made[fmt]
-
-    return reference
 
 
 def die_at(moment: str, k: int, params, root, out) -> None:

@@ -23,14 +23,22 @@ DROPOUT_MLP = {"hidden_sizes": [64], "dropout": 0.5, "input_dropout": 0.1}  # dr
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """A params file for 8 short epochs of a dropout student and of a teacher, a teacher and a store."""
+    """A params file for 8 short epochs of a dropout student and of a teacher, a teacher (trained by `kd teacher`
+    in its own process, its log beside it: the uninterrupted run the teacher's resume is held against) and a store
+    (written in this process: the runs compared here all read the same one)."""
+    from click.testing import CliRunner
+
+    from stages.cli import kd
+
     root = tmp_path_factory.mktemp("resume_training")
     params = write_params(root / "params.yaml", **{
         "teacher.arch": "mlp", "teacher.arch_options": DROPOUT_MLP, "teacher.epochs": 8,
         "distill.student": "mlp", "distill.student_options": DROPOUT_MLP, "distill.epochs": 8,
         "distill.optimizer.lr_milestones": [5], "distill.optimizer.lr_factors": [0.1]})
-    run(["teacher", "--params", params, "--out", root / "teacher.pt"])
-    run(["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", root / "s.zarr"])
+    run(["teacher", "--params", params, "--out", root / "teacher.pt", "--live-dir", root / "teacher.live"])
+    result = CliRunner().invoke(kd, [str(a) for a in ("cache", "--params", params, "--teacher", root / "teacher.pt",
+                                                      "--out", root / "s.zarr")])
+    assert result.exit_code == 0, result.output
     return root, params
 
 
@@ -130,7 +138,10 @@ def test_a_killed_teacher_resumes_to_the_same_weights(made, tmp_path, recipe):
     warm-up and clipping) too, its EMA saved as the teacher."""
     params = write_params(tmp_path / "params.yaml", **TEACHER_RECIPE) if recipe else made[1]
     whole, resumed = tmp_path / "whole.pt", tmp_path / "resumed.pt"
-    run(["teacher", "--params", params, "--out", whole, "--live-dir", whole.with_suffix(".live")])
+    if recipe:
+        run(["teacher", "--params", params, "--out", whole, "--live-dir", whole.with_suffix(".live")])
+    else:  # `made` ran this very command, uninterrupted
+        whole = made[0] / "teacher.pt"
     run(["teacher", "--params", params, "--out", resumed, "--live-dir", resumed.with_suffix(".live")],
         kill_after_epochs=4)
     out = run(["teacher", "--params", params, "--out", resumed, "--live-dir", resumed.with_suffix(".live")])

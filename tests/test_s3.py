@@ -197,7 +197,7 @@ def test_a_team_shares_teacher_and_store_through_a_dvc_remote_on_s3(s3, tmp_path
 
 def two_nodes(env, *args) -> list[str]:
     """`torchrun --nnodes=2` launched as two separate commands, one per node (node ranks 0 and 1, one process
-    each), meeting at a c10d rendezvous on 127.0.0.1: the README's multi-node commands, on one machine."""
+    each), meeting at a c10d rendezvous on 127.0.0.1: the multi-node commands of docs/scale.md, on one machine."""
     port = free_port()
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
