@@ -26,9 +26,10 @@ run: install
 	print(f\"Distillation gain over the student alone: {100 * m['kd_gain']:+.2f} points (the teacher is \" \
 	      f\"{100 * (m['teacher_acc'] - m['baseline_acc']):.2f} points ahead of the student alone): reports/report.md\")"
 
-# Two pytest-xdist workers, each taking a whole test file at a time, the slowest files first (tests/conftest.py).
+# pytest-xdist: a worker per CPU core (2 here), each taking a whole test file at a time, the slowest files first
+# (tests/conftest.py), one torch thread per worker and per command it starts.
 test: install
-	pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 # `make bench`: every CPU benchmark in bench/, each writing its section of BENCHMARKS.md (throughput.py writes the file
 # afresh, the others append) and merging its keys into bench/results.json, through bench/output.py; hours on a 2-core

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test`'s workers share the cores: one torch thread each, and one for every command they start (read by
+    # torch at its import, below, and inherited by kd, dvc and torchrun)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
 import yaml
