@@ -107,18 +107,31 @@ RECIPE = {"distill.amp": "float16", "distill.ema": 0.9, "distill.optimizer.name"
           "distill.optimizer.warmup_epochs": 2, "distill.optimizer.clip_grad_norm": 1.0}
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_killed_run_with_ema_and_a_grad_scaler_resumes_bit_identical(made, tmp_path, workers):
-    """The EMA's weights and the float16 GradScaler's state are in the checkpoint: a dropout student with AdamW,
-    warm-up, clipping, an EMA and float16 autocast, killed twice and resumed, ends bit-identical to an uninterrupted
-    run, with 0 and with 2 DataLoader workers (whose validation loader never draws on the global generator)."""
-    root, _ = made
-    params = write_params(tmp_path / "params.yaml", **{
+def recipe_params(path: Path, workers: int) -> Path:
+    return write_params(path, **{
         "distill.student": "mlp", "distill.student_options": DROPOUT_MLP, "distill.epochs": 8,
         "distill.optimizer.lr_milestones": [5], "distill.optimizer.lr_factors": [0.1], "num_workers": workers,
         **RECIPE})
-    whole, resumed = tmp_path / "whole.pt", tmp_path / "resumed.pt"
-    run(distill_args(root, params, whole))
+
+
+@pytest.fixture(scope="module")
+def recipe_whole(made, tmp_path_factory):
+    """The recipe's run uninterrupted, with 0 DataLoader workers."""
+    folder = tmp_path_factory.mktemp("recipe_whole")
+    whole = folder / "whole.pt"
+    run(distill_args(made[0], recipe_params(folder / "params.yaml", 0), whole))
+    return whole
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_killed_run_with_ema_and_a_grad_scaler_resumes_bit_identical(made, recipe_whole, tmp_path, workers):
+    """The EMA's weights and the float16 GradScaler's state are in the checkpoint: a dropout student with AdamW,
+    warm-up, clipping, an EMA and float16 autocast, killed twice and resumed, ends bit-identical to an uninterrupted
+    run, with 0 and with 2 DataLoader workers (whose validation loader never draws on the global generator): the
+    same uninterrupted run with 0 workers for both, since the number of workers never changes a result."""
+    root, _ = made
+    params = recipe_params(tmp_path / "params.yaml", workers)
+    whole, resumed = recipe_whole, tmp_path / "resumed.pt"
     for k in (2, 5):
         run(distill_args(root, params, resumed), kill_after_epochs=k)
     out = run(distill_args(root, params, resumed))
