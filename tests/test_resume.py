@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+import kd_process
 from conftest import write_params
 
 KD = [sys.executable, "-m", "stages.cli"]
@@ -81,9 +82,11 @@ def cache(params, root, out, kill_at=None, ranks=1):
 
 def start(launcher, params, root, out) -> subprocess.Popen:
     """Start `kd cache` (by `launcher`), its stdout and stderr in one text pipe."""
-    args = [*launcher, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
-    return subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True)
+    args = ["cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
+    if launcher == KD:  # tests/kd_process.py: a real process, started quickly
+        return kd_process.Process(args, ENV, new_session=True)
+    return subprocess.Popen([*launcher, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
 
 
 def read_until(proc, views=None) -> str:
@@ -158,8 +161,7 @@ def test_resuming_with_other_params_is_refused(setup, tmp_path):
     other = write_params(tmp_path / "other.yaml", **{"teacher.arch": "cnn", "teacher.epochs": 0,
                                                      "cache.chunk_samples": 64, "cache.batch_size": 32,
                                                      "cache.num_views": VIEWS, "cache.seed": 3})
-    result = subprocess.run([*KD, "cache", "--params", str(other), "--teacher", str(root / "teacher.pt"),
-                             "--out", str(store)], env=ENV, capture_output=True, text=True)
+    result = kd_process.run(["cache", "--params", other, "--teacher", root / "teacher.pt", "--out", store], ENV)
     assert result.returncode == 1
     assert "made with other parameters" in result.stderr and "seed: 0 vs 3" in result.stderr, result.stderr
 
@@ -241,9 +243,8 @@ kd(sys.argv[4:])
 
 def die_at(moment: str, k: int, params, root, out) -> None:
     """Run `kd cache` until it dies at `moment` ("data" or "mark") of chunk k."""
-    result = subprocess.run([sys.executable, "-c", DIE_AT, moment, str(k), str(k * 64), "cache", "--params",
-                             str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)], env=ENV,
-                            capture_output=True, text=True)
+    result = kd_process.run([moment, k, k * 64, "cache", "--params", params, "--teacher", root / "teacher.pt", "--out",
+                             out], ENV, script=DIE_AT)
     assert result.returncode == 9, result.stderr[-2000:]
 
 
@@ -390,8 +391,7 @@ def test_a_second_cache_on_one_store_is_refused_at_once_and_a_killed_holder_bloc
         read_until(first, 200)  # into its work, holding the lock
         os.kill(first.pid, signal.SIGSTOP)  # and it stays there, however slow the second is to start
         started = time.monotonic()
-        second = subprocess.run([*KD, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"),
-                                 "--out", str(store)], env=ENV, capture_output=True, text=True)
+        second = kd_process.run(["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", store], ENV)
         assert first.poll() is None  # the first still holds the lock: the second was refused while it did
     finally:  # never leave a stopped process behind, whatever failed
         kill_tree(first.pid)

@@ -5,17 +5,15 @@ with weights bit-identical to a run that was never interrupted, and a dvclive hi
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import kd_process
 from conftest import write_params
 
-KD = [sys.executable, "-m", "stages.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 DROPOUT_MLP = {"hidden_sizes": [64], "dropout": 0.5, "input_dropout": 0.1}  # draws on the generator every step
@@ -45,8 +43,7 @@ def made(tmp_path_factory):
 def run(args, kill_after_epochs=None):
     """Run `kd ARGS`; with `kill_after_epochs` k, SIGKILL it once its progress bar shows k epochs done (so the
     kill lands somewhere in epoch k, after the checkpoint of epoch k - 1). Returns the output."""
-    proc = subprocess.Popen([*KD, *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+    proc = kd_process.Process(args, ENV, new_session=True)  # tests/kd_process.py: a real process, started quickly
     seen = ""
     while char := proc.stdout.read(1):
         seen += char
@@ -270,8 +267,7 @@ def test_a_step_failing_at_any_position_ends_every_thread_and_worker(made, where
     """A NaN loss at each of the first and last batches of an epoch (the read-ahead queue full, or draining):
     the run stops with its DivergedError within seconds, and no thread or worker process is left."""
     root, params = made
-    result = subprocess.run([sys.executable, "-c", FAILING_STEP, str(params), str(root / "s.zarr"), where],
-                            env=ENV, capture_output=True, text=True, timeout=240)
+    result = kd_process.run([params, root / "s.zarr", where], ENV, script=FAILING_STEP)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
     times = [float(line.split()[-1].rstrip("s")) for line in result.stdout.splitlines()[:-1]]
     assert len(times) == 14 and max(times) < 30, result.stdout

@@ -18,13 +18,13 @@ import pytest
 import torch
 import zarr
 
+import kd_process
 from conftest import write_params
 
 pytest.importorskip("moto", reason="the S3 server for these tests: pip install -e '.[test]'")
 pytest.importorskip("s3fs", reason="S3 stores need s3fs: pip install -e '.[s3]'")
 
 ROOT = Path(__file__).resolve().parents[1]
-KD = [sys.executable, "-m", "stages.cli"]
 BUCKET = "kd-cache"
 VIEWS = 4  # ~4 s of teacher work: a kill lands mid-way
 
@@ -74,16 +74,15 @@ def made(s3, tmp_path_factory):
 
 
 def run(env, *args, check=True) -> subprocess.CompletedProcess:
-    done = subprocess.run([*KD, *map(str, args)], env=env, capture_output=True, text=True, cwd=ROOT)
+    done = kd_process.run(args, env, cwd=ROOT)  # tests/kd_process.py: a real process, started quickly
     assert not check or done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def killed_midway(env, params, root, out) -> None:
     """Start `kd cache --out OUT`, SIGKILL it once tqdm reports a third of the views done."""
-    proc = subprocess.Popen([*KD, "cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out",
-                             out], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+    proc = kd_process.Process(["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", out], env,
+                              cwd=ROOT)
     seen, third = "", 1077 * VIEWS // 3
     while char := proc.stdout.read(1):
         seen += char
