@@ -14,8 +14,9 @@ What differs from a fresh interpreter, and why it does not matter to the tests t
   from a fresh `kd`;
 - the processes share one hash seed, and the exit runs no `atexit` handlers (kd registers none; the commands close
   their own files).
-Where the launch itself is part of what a test checks (`torchrun`, `dvc repro`, the benchmarks' scripts), the tests
-start the real interpreter.
+`torchrun` (`-m torch.distributed.run`) runs here too, and starts its ranks as real `python -m stages.cli`
+processes; so do the benchmarks' scripts, whose own measured runs start the real interpreter. `dvc repro`'s stages
+are real `kd` commands.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _detach(dup) -> int:
 def _kd(args: list[str], env: dict, cwd: str, stdout: int, stderr: int, new_session: bool, script: str | None
         ) -> None:
     """The forked process: the command's session, output, environment and directory, then `kd ARGS` (or, with
-    `script`, `python -c SCRIPT ARGS`)."""
+    `script`, `python -c SCRIPT ARGS`; with a `script` of `-m NAME`, `python -m NAME ARGS`; of `PATH.py`, `python
+    PATH.py ARGS`)."""
     if new_session:
         os.setsid()
     sys.stdout.flush()
@@ -77,6 +79,19 @@ def _kd(args: list[str], env: dict, cwd: str, stdout: int, stderr: int, new_sess
 
     if env.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if script is not None and script.endswith(".py"):
+        import runpy
+
+        sys.argv = [script, *args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python PATH.py` puts it first
+        runpy.run_path(script, run_name="__main__")
+        return
+    if script is not None and script.startswith("-m "):
+        import runpy
+
+        sys.argv = [script[3:], *args]
+        runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
+        return
     if script is not None:
         sys.argv = ["-c", *args]
         exec(compile(script, "<string>", "exec"), {"__name__": "__main__"})
@@ -92,10 +107,10 @@ class Process:
     use: pid, stdout (read as it comes), poll, wait, returncode (minus the signal that killed it), send_signal,
     kill."""
 
-    def __init__(self, args, env: dict, cwd=None, new_session: bool = False):
+    def __init__(self, args, env: dict, cwd=None, new_session: bool = False, script: str | None = None):
         read, write = os.pipe()
         self._process = context().Process(target=_kd, args=(
-            [str(a) for a in args], dict(env), str(cwd or os.getcwd()), _Fd(write), _Fd(write), new_session, None))
+            [str(a) for a in args], dict(env), str(cwd or os.getcwd()), _Fd(write), _Fd(write), new_session, script))
         self._process.start()
         os.close(write)
         self.pid = self._process.pid
@@ -120,16 +135,22 @@ class Process:
         self._process.kill()
 
 
-def run(args, env: dict, cwd=None, script: str | None = None) -> subprocess.CompletedProcess:
+def run(args, env: dict, cwd=None, script: str | None = None, timeout: float | None = None
+        ) -> subprocess.CompletedProcess:
     """`subprocess.run([python, -m, stages.cli, *args], capture_output=True, text=True)` (with `script`: `[python,
-    -c, script, *args]`), in a forked process."""
+    -c, script, *args]`, for `-m NAME` `[python, -m, NAME, *args]`, for `PATH.py` `[python, PATH.py, *args]`), in a
+    forked process."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = context().Process(target=_kd, args=(
             [str(a) for a in args], dict(env), str(cwd or os.getcwd()), _Fd(out.fileno()), _Fd(err.fileno()), False,
             script))
         process.start()
-        process.join()
+        process.join(timeout)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["kd" if script is None else script, *map(str, args)], timeout)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(["kd" if script is None else "-c", *map(str, args)], process.exitcode,
+        return subprocess.CompletedProcess(["kd" if script is None else script, *map(str, args)], process.exitcode,
                                            out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))

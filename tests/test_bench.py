@@ -1,17 +1,24 @@
 """The benchmark runs end to end (smoke run: the numbers are meaningless, the code path is not)."""
 
-import subprocess
-import sys
+import os
 
+import kd_process
 from conftest import ROOT
+
+
+def script(path: str, *args, env: dict | None = None) -> str:
+    """`python PATH ARGS` from the repository root, in a process forked from a preloaded fork server
+    (tests/kd_process.py: the benchmark's own measured runs start the real interpreter); its stdout."""
+    done = kd_process.run(args, {**os.environ, **(env or {})}, cwd=ROOT, script=str(ROOT / path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def test_benchmark_smoke_run_writes_its_tables(tmp_path):
     import json
 
     out, results = tmp_path / "bench.md", tmp_path / "results.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/throughput.py"), "--quick", "--out", str(out), "--json",
-                    str(results)], check=True, capture_output=True, cwd=ROOT)
+    script("bench/throughput.py", "--quick", "--out", out, "--json", results)
     text = out.read_text()
     for row in ("CE only, no teacher (floor)", "zarr store, in-memory", "hdf5 store, on-disk", "online teacher"):
         assert row in text
@@ -23,8 +30,7 @@ def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
     import json
 
     out, results = tmp_path / "ooc.md", tmp_path / "results.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/distill_ooc.py"), "--quick", "--repeats", "1", "--append",
-                    str(out), "--json", str(results)], check=True, capture_output=True, cwd=ROOT)
+    script("bench/distill_ooc.py", "--quick", "--repeats", "1", "--append", out, "--json", results)
     assert "Distilling from a store larger than memory" in out.read_text()
     keys = json.loads(results.read_text())
     for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_peak_rss_mb",
@@ -37,9 +43,8 @@ def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
     from test_sources import write_mnist
 
     write_mnist(tmp_path / "mnist", gz=True, train=5, test=3)
-    subprocess.run([sys.executable, str(ROOT / "studies/scripts/mnist_pairs.py"), "--mnist", str(tmp_path / "mnist"),
-                    "--out", str(tmp_path / "pairs"), "--train", "12", "--test", "4"], check=True, capture_output=True,
-                   cwd=ROOT)
+    script("studies/scripts/mnist_pairs.py", "--mnist", tmp_path / "mnist", "--out", tmp_path / "pairs", "--train", "12",
+           "--test", "4")
     source = load_source("cifar100", tmp_path / "pairs")
     assert source.train_images.shape == (12, 3, 32, 32) and source.test_images.shape == (4, 3, 32, 32)
     assert len(source.classes) == 100 and source.classes[37] == "37"
@@ -47,8 +52,7 @@ def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
 
 
 def test_batched_replay_check_runs_on_the_cpu():
-    out = subprocess.run([sys.executable, str(ROOT / "bench/replay_check.py"), "--device", "cpu", "--views", "64"],
-                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    out = script("bench/replay_check.py", "--device", "cpu", "--views", "64")
     assert out.count("bit for bit equal") == 4  # RandomResizedCrop too: on the CPU it must be exact
 
 
@@ -58,10 +62,9 @@ def test_imagefolder_bench_device_mode_runs_on_the_cpu(tmp_path):
     import json
 
     results = tmp_path / "results.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/imagefolder_cache.py"), "--vs-forward", "--smooth", "--data",
-                    str(tmp_path / "folder"), "--images", "40", "--classes", "4", "--samples", "6", "--views", "2",
-                    "--batch", "4", "--teacher", "mobilenet_v3_small", "--repeats", "1", "--workers", "0",
-                    "--json", str(results)], check=True, capture_output=True, cwd=ROOT)
+    script("bench/imagefolder_cache.py", "--vs-forward", "--smooth", "--data", tmp_path / "folder", "--images", "40",
+           "--classes", "4", "--samples", "6", "--views", "2", "--batch", "4", "--teacher", "mobilenet_v3_small",
+           "--repeats", "1", "--workers", "0", "--json", results)
     keys = json.loads(results.read_text())
     assert keys["cache_vs_teacher_forward_imagefolder_cpu"] > 0
     assert 1 <= keys["cache_decodes_per_sample_imagefolder_cpu"] < 1.5  # once each (+ the augmentation check)
@@ -73,9 +76,7 @@ def test_student_speed_smoke_run_writes_its_table_and_keys(tmp_path):
     import json
 
     out, results = tmp_path / "speed.md", tmp_path / "results.json"
-    subprocess.run([sys.executable, str(ROOT / "bench/student_speed.py"), "--quick", "--append", str(out), "--json",
-                    str(results)], check=True, capture_output=True, cwd=ROOT, env={**__import__("os").environ,
-                                                                                  "OMP_NUM_THREADS": "1"})
+    script("bench/student_speed.py", "--quick", "--append", out, "--json", results, env={"OMP_NUM_THREADS": "1"})
     text = out.read_text()
     assert "The student's step" in text and "| tiny_cnn |" in text and "| oracle |" in text
     keys = json.loads(results.read_text())

@@ -2,14 +2,13 @@
 every global batch, and the result is one process's up to floating-point order (real processes, gloo on CPU)."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import kd_process
 from conftest import write_params
 from pipeline.loaders import RankBatches
 
@@ -35,12 +34,15 @@ def test_rank_batches_split_every_global_batch_among_the_ranks(world, total, bat
 
 
 def distill(params: Path, root: Path, out: Path, ranks: int) -> str:
-    launcher = [sys.executable, "-m", "stages.cli"] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "stages.cli"]
-    result = subprocess.run([*launcher, "distill", "--params", str(params), "--teacher", str(root / "teacher.pt"),
-                             "--cache", str(root / "logits.zarr"), "--out", str(out),
-                             "--live-dir", str(out.with_suffix(".live"))],
-                            env=ENV, capture_output=True, text=True, timeout=600)
+    args = ["distill", "--params", params, "--teacher", root / "teacher.pt", "--cache", root / "logits.zarr", "--out",
+            out, "--live-dir", out.with_suffix(".live")]
+    # tests/kd_process.py: kd (or torchrun, which starts each rank as `python -m stages.cli`) in a process forked
+    # from a preloaded fork server
+    if ranks == 1:
+        result = kd_process.run(args, ENV, timeout=600)
+    else:
+        result = kd_process.run(["--standalone", f"--nproc_per_node={ranks}", "-m", "stages.cli", *args], ENV,
+                                script="-m torch.distributed.run", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -128,9 +130,8 @@ def test_ranks_draw_their_own_dropout_masks(tmp_path):
                                                        "distill.optimizer.lr_milestones": [], "distill.optimizer.lr_factors": []})
     script = tmp_path / "masks.py"
     script.write_text(RANK_MASKS)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(params), str(tmp_path)], env=ENV, capture_output=True, text=True,
-                            timeout=300)
+    result = kd_process.run(["--standalone", "--nproc_per_node=2", script, params, tmp_path], ENV,
+                            script="-m torch.distributed.run", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert first.float().mean().item() == pytest.approx(0.5, abs=0.15)

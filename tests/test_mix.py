@@ -3,14 +3,13 @@ batch, order, workers or ranks; the store holds the teacher's logits on the mixe
 from it equals one trained with the teacher live on the same mixed views, bit for bit."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
 
+import kd_process
 from conftest import EVAL, MEAN, ROOT, STD, TRANSFORM, make_store, write_params
 from pipeline import mix as mixing
 from pipeline.data import input_transform
@@ -153,9 +152,8 @@ def test_two_ranks_replay_the_mixed_views_of_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for ranks, folder in ((1, tmp_path / "one"), (2, tmp_path / "two")):
         folder.mkdir()
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc_per_node={ranks}", str(script), str(folder)], env=env, capture_output=True,
-                                text=True, timeout=300)
+        result = kd_process.run(["--standalone", f"--nproc_per_node={ranks}", script, folder], env,
+                                script="-m torch.distributed.run", timeout=300)  # tests/kd_process.py
         assert result.returncode == 0, result.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "rank0.pt")
     two = [torch.load(tmp_path / "two" / f"rank{r}.pt") for r in range(2)]
@@ -248,8 +246,7 @@ def test_fresh_views_with_mixing_through_the_stages(tmp_path):
         "mix.mode": "both", "distill.ce_weight": 0.0})
 
     def kd(*args):
-        result = subprocess.run([sys.executable, "-m", "stages.cli", *args, "--params", str(params)], env=env,
-                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        result = kd_process.run([*args, "--params", params], env, cwd=tmp_path, timeout=300)  # tests/kd_process.py
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return result.stdout
 

@@ -6,8 +6,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import zarr
 import kd_process
 from conftest import write_params
 
-KD = [sys.executable, "-m", "stages.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 VIEWS = 8  # ~3 s of teacher work: the kills land mid-way, not after the run ends
@@ -66,8 +63,7 @@ def references(setup, tmp_path_factory):
 def cache(params, root, out, kill_at=None, ranks=1):
     """Run `kd cache` (under torchrun with `ranks` > 1); with `kill_at` (views done), SIGKILL it and all its
     processes once tqdm reports that many. Returns its output (stdout and stderr)."""
-    launcher = KD if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      f"--nproc_per_node={ranks}", "-m", "stages.cli"]
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     proc = start(launcher, params, root, out)
     seen = read_until(proc, kill_at)
     if kill_at is not None:
@@ -80,13 +76,15 @@ def cache(params, root, out, kill_at=None, ranks=1):
     return seen
 
 
-def start(launcher, params, root, out) -> subprocess.Popen:
-    """Start `kd cache` (by `launcher`), its stdout and stderr in one text pipe."""
+def start(launcher, params, root, out) -> kd_process.Process:
+    """Start `kd cache` (`launcher` [], or `-m torch.distributed.run` and its options: torchrun, which starts each
+    rank as `python -m stages.cli`), its stdout and stderr in one text pipe. tests/kd_process.py: a real process,
+    forked from a preloaded fork server."""
     args = ["cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
-    if launcher == KD:  # tests/kd_process.py: a real process, started quickly
+    if not launcher:
         return kd_process.Process(args, ENV, new_session=True)
-    return subprocess.Popen([*launcher, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+    return kd_process.Process([*launcher[2:], "-m", "stages.cli", *args], ENV, new_session=True,
+                              script=" ".join(launcher[:2]))
 
 
 def read_until(proc, views=None) -> str:
@@ -386,7 +384,7 @@ def test_a_second_cache_on_one_store_is_refused_at_once_and_a_killed_holder_bloc
     params, reference = references("zarr")
     store = tmp_path / "s.zarr"
     lock = tmp_path / "s.zarr.lock"
-    first = start(KD, params, root, store)
+    first = start([], params, root, store)
     try:
         read_until(first, 200)  # into its work, holding the lock
         os.kill(first.pid, signal.SIGSTOP)  # and it stays there, however slow the second is to start
