@@ -41,8 +41,8 @@ ADAM = OptimParams(name="adam", lr=1e-3, betas=[0.9, 0.999], momentum=0.9, neste
 # The files that start many processes (kd commands, torchrun, dvc repro), slowest first. `make test` runs the suite
 # on two pytest-xdist workers a file at a time (--dist loadfile --no-loadscope-reorder): these start first and the
 # quick files even out the two workers' ends. A plain `pytest` keeps the usual order.
-SLOWEST_FILES = ("test_dvc.py", "test_resume.py", "test_resume_training.py", "test_s3.py", "test_ensemble_dvc.py",
-                 "test_studies.py", "test_distributed.py", "test_bench.py", "test_ensemble.py", "test_mix.py")
+SLOWEST_FILES = ("test_dvc.py", "test_ensemble_dvc.py", "test_resume.py", "test_studies.py", "test_s3.py",
+                 "test_resume_training.py", "test_bench.py", "test_distributed.py", "test_ensemble.py", "test_mix.py")
 
 
 def pytest_collection_modifyitems(items):
