@@ -12,8 +12,8 @@ What differs from a fresh interpreter, and why it does not matter to the tests t
   test worker's;
 - its multiprocessing start method is reset to the platform's default, so DataLoader workers start as they would
   from a fresh `kd`;
-- the processes share one hash seed, and the exit runs no `atexit` handlers (kd registers none; the commands close
-  their own files).
+- the processes share one hash seed and numpy's unseeded global generator (kd seeds every draw it makes), and the
+  exit runs no `atexit` handlers (kd registers none; the commands close their own files).
 `torchrun` (`-m torch.distributed.run`) runs here too, and starts its ranks as real `python -m stages.cli`
 processes; so do the benchmarks' scripts, whose own measured runs start the real interpreter. `dvc repro`'s stages
 are real `kd` commands.
@@ -79,27 +79,25 @@ def _kd(args: list[str], env: dict, cwd: str, stdout: int, stderr: int, new_sess
 
     if env.get("OMP_NUM_THREADS"):
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    if script is not None and script.endswith(".py"):
+    if script is None:
+        from stages.cli import kd
+
+        sys.argv = ["kd", *args]
+        kd.main(args=args, prog_name="kd")  # exits: SystemExit's code is the process's
+    elif script.endswith(".py"):
         import runpy
 
         sys.argv = [script, *args]
         sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python PATH.py` puts it first
         runpy.run_path(script, run_name="__main__")
-        return
-    if script is not None and script.startswith("-m "):
+    elif script.startswith("-m "):
         import runpy
 
-        sys.argv = [script[3:], *args]
+        sys.argv = [script[3:], *args]  # run_module sets sys.argv[0] to the module's file
         runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
-        return
-    if script is not None:
+    else:
         sys.argv = ["-c", *args]
         exec(compile(script, "<string>", "exec"), {"__name__": "__main__"})
-        return
-    from stages.cli import kd
-
-    sys.argv = ["kd", *args]
-    kd.main(args=args, prog_name="kd")  # exits: SystemExit's code is the process's
 
 
 class Process:
@@ -140,6 +138,7 @@ def run(args, env: dict, cwd=None, script: str | None = None, timeout: float | N
     """`subprocess.run([python, -m, stages.cli, *args], capture_output=True, text=True)` (with `script`: `[python,
     -c, script, *args]`, for `-m NAME` `[python, -m, NAME, *args]`, for `PATH.py` `[python, PATH.py, *args]`), in a
     forked process."""
+    command = ["kd" if script is None else script, *map(str, args)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = context().Process(target=_kd, args=(
             [str(a) for a in args], dict(env), str(cwd or os.getcwd()), _Fd(out.fileno()), _Fd(err.fileno()), False,
@@ -149,8 +148,8 @@ def run(args, env: dict, cwd=None, script: str | None = None, timeout: float | N
         if process.exitcode is None:
             process.kill()
             process.join()
-            raise subprocess.TimeoutExpired(["kd" if script is None else script, *map(str, args)], timeout)
+            raise subprocess.TimeoutExpired(command, timeout)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(["kd" if script is None else script, *map(str, args)], process.exitcode,
+        return subprocess.CompletedProcess(command, process.exitcode,
                                            out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))

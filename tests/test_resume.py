@@ -63,8 +63,7 @@ def references(setup, tmp_path_factory):
 def cache(params, root, out, kill_at=None, ranks=1):
     """Run `kd cache` (under torchrun with `ranks` > 1); with `kill_at` (views done), SIGKILL it and all its
     processes once tqdm reports that many. Returns its output (stdout and stderr)."""
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    proc = start(launcher, params, root, out)
+    proc = start(params, root, out, ranks)
     seen = read_until(proc, kill_at)
     if kill_at is not None:
         kill_tree(proc.pid)
@@ -76,15 +75,14 @@ def cache(params, root, out, kill_at=None, ranks=1):
     return seen
 
 
-def start(launcher, params, root, out) -> kd_process.Process:
-    """Start `kd cache` (`launcher` [], or `-m torch.distributed.run` and its options: torchrun, which starts each
-    rank as `python -m stages.cli`), its stdout and stderr in one text pipe. tests/kd_process.py: a real process,
-    forked from a preloaded fork server."""
-    args = ["cache", "--params", str(params), "--teacher", str(root / "teacher.pt"), "--out", str(out)]
-    if not launcher:
+def start(params, root, out, ranks=1) -> kd_process.Process:
+    """Start `kd cache` (under torchrun, which starts each rank as `python -m stages.cli`, with `ranks` > 1), its
+    stdout and stderr in one text pipe. tests/kd_process.py: a real process, forked from a preloaded fork server."""
+    args = ["cache", "--params", params, "--teacher", root / "teacher.pt", "--out", out]
+    if ranks == 1:
         return kd_process.Process(args, ENV, new_session=True)
-    return kd_process.Process([*launcher[2:], "-m", "stages.cli", *args], ENV, new_session=True,
-                              script=" ".join(launcher[:2]))
+    return kd_process.Process(["--standalone", f"--nproc_per_node={ranks}", "-m", "stages.cli", *args], ENV,
+                              new_session=True, script="-m torch.distributed.run")
 
 
 def read_until(proc, views=None) -> str:
@@ -384,7 +382,7 @@ def test_a_second_cache_on_one_store_is_refused_at_once_and_a_killed_holder_bloc
     params, reference = references("zarr")
     store = tmp_path / "s.zarr"
     lock = tmp_path / "s.zarr.lock"
-    first = start([], params, root, store)
+    first = start(params, root, store)
     try:
         read_until(first, 200)  # into its work, holding the lock
         os.kill(first.pid, signal.SIGSTOP)  # and it stays there, however slow the second is to start

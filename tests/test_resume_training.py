@@ -267,7 +267,7 @@ def test_a_step_failing_at_any_position_ends_every_thread_and_worker(made, where
     """A NaN loss at each of the first and last batches of an epoch (the read-ahead queue full, or draining):
     the run stops with its DivergedError within seconds, and no thread or worker process is left."""
     root, params = made
-    result = kd_process.run([params, root / "s.zarr", where], ENV, script=FAILING_STEP)
+    result = kd_process.run([params, root / "s.zarr", where], ENV, script=FAILING_STEP, timeout=240)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
     times = [float(line.split()[-1].rstrip("s")) for line in result.stdout.splitlines()[:-1]]
     assert len(times) == 14 and max(times) < 30, result.stdout

@@ -156,10 +156,12 @@ def committed_locks() -> list[str]:
     stages end; outside a git checkout: every study with a dvc.lock)."""
     import subprocess
 
-    tracked = subprocess.run(["git", "ls-files", "studies/*/dvc.lock"], cwd=ROOT, capture_output=True, text=True)
-    if tracked.returncode != 0:
+    try:
+        tracked = subprocess.run(["git", "ls-files", "studies/*/dvc.lock"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):  # no git, or no checkout
         return [name for name in STUDIES if (ROOT / "studies" / name / "dvc.lock").is_file()]
-    return [name for name in STUDIES if f"studies/{name}/dvc.lock" in tracked.stdout.split()]
+    return [name for name in STUDIES if f"studies/{name}/dvc.lock" in tracked]
 
 
 @pytest.mark.parametrize("name", committed_locks())
