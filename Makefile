@@ -49,6 +49,7 @@ bench: install
 	OMP_NUM_THREADS=1 python bench/distill_ooc.py --setups tiny --s3 --repeats 2 --no-scaling --append BENCHMARKS.md \
 	    --json bench/results.json
 	OMP_NUM_THREADS=1 python bench/student_speed.py --append BENCHMARKS.md --json bench/results.json
+	OMP_NUM_THREADS=1 python bench/draws.py --append BENCHMARKS.md --json bench/results.json
 	python bench/ensemble_reads.py --append BENCHMARKS.md --json bench/results.json
 	python bench/imagefolder_cache.py --append BENCHMARKS.md --json bench/results.json
 	python bench/teacher_compile.py --append BENCHMARKS.md --json bench/results.json

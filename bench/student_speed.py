@@ -190,7 +190,8 @@ def oracle(model, cfg, data: Data, device) -> tuple[float, float, float]:
     return marks[-1] - marks[-2], marks[2] - marks[1], marks[1] - marks[0]
 
 
-def measure(students: list[str], settings: list[str], repeats: int, device_name: str, tmp: Path, old: Path):
+def measure(students: list[str], settings: list[str], repeats: int, device_name: str, tmp: Path, old: Path,
+            revision: str = "645e227"):
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -227,7 +228,8 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
             results[f"distill_first_vs_oracle_{suffix}"] = ratio("memory", "oracle", first)
             results[f"distill_first_ooc_vs_oracle_{suffix}"] = ratio("ooc", "oracle", first)
             for variant in variants:
-                shown = "float32, sync per step" if variant == "today" else setting
+                shown = setting if variant != "today" else ("float32, sync per step" if revision == "645e227"
+                                                             else f"float32, `pipeline/` of {revision}")
                 versus_today = f"{ratio(variant, 'today'):.2f}" if "today" in variants else "-"
                 rows.append(f"| {student} | {data.samples:,} x {data.views} views, batch {data.batch} | {shown} | "
                             f"{variant} | {statistics.median(first[variant]):,.0f} | "
@@ -270,7 +272,8 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
     students = (students or ("resnet20,resnet18" if cuda else "tiny_cnn,resnet20")).split(",")
     settings = (settings or ("bfloat16_cl,bfloat16_cl_compile" if cuda else "off")).split(",")
     with tempfile.TemporaryDirectory(prefix="kd-student-") as tmp:
-        rows, results = measure(students, settings, repeats, device_name, Path(tmp), old_pipeline(revision, Path(tmp)))
+        rows, results = measure(students, settings, repeats, device_name, Path(tmp), old_pipeline(revision, Path(tmp)),
+                                revision)
     command = " ".join(["python bench/student_speed.py", *sys.argv[1:]])
     lines = ["", "## The student's step: `kd distill` against an oracle with no data path", "",
              f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
@@ -280,8 +283,10 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
              f"{repeats}; x oracle and x today are medians of per-repeat ratios. memory: from a store "
              "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read with the "
              "views in the thread beside the step); "
-             "oracle: the same step on views and logits already on the device; today: the loop before issue 23 "
-             f"(`pipeline/` of {revision}: float32, a host synchronisation every step). Crop with padding + flip views, replayed a batch at a time.", "",
+             "oracle: the same step on views and logits already on the device; today: "
+             + ("the loop before issue 23 (`pipeline/` of 645e227: float32, a host synchronisation every step)"
+                if revision == "645e227" else f"`pipeline/` of git revision {revision}, in float32")
+             + ". Crop with padding + flip views, replayed a batch at a time.", "",
              "| student | data | setting | variant | first pass samples/s | x oracle | later pass samples/s | "
              "x oracle | x today | warm epoch s |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
     publish(lines, results, out, json_path)

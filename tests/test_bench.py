@@ -83,3 +83,15 @@ def test_student_speed_smoke_run_writes_its_table_and_keys(tmp_path):
     for key in ("distill_vs_oracle_tiny_cnn_cpu", "distill_samples_per_s_tiny_cnn_cpu",
                 "distill_ooc_vs_oracle_tiny_cnn_cpu", "distill_first_vs_oracle_tiny_cnn_cpu"):
         assert key in keys
+
+
+def test_draws_benchmark_smoke_run_checks_both_ways_agree_and_writes_its_keys(tmp_path):
+    """bench/draws.py end to end: the computed draws and torch's calls, the same numbers, side by side."""
+    import json
+
+    out, results = tmp_path / "draws.md", tmp_path / "results.json"
+    script("bench/draws.py", "--quick", "--append", out, "--json", results, env={"OMP_NUM_THREADS": "1"})
+    assert "| 64 |" in out.read_text()
+    keys = json.loads(results.read_text())
+    assert keys["draws_views_per_s_computed_64"] > 0 and keys["draws_views_per_s_calls_64"] > 0
+    assert "draws_computed_vs_calls_64" in keys

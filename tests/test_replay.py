@@ -214,3 +214,37 @@ def test_kept_draws_are_the_draws_made_again():
         a, b = fresh.__getitems__(pairs), kept.__getitems__(pairs)
         assert np.array_equal(a[2], b[2]) and torch.equal(fresh.collate(a)[0], kept.collate(b)[0])
     assert kept.memo[1].any() and not kept.memo[1].all()
+
+
+def test_mt19937_words_are_torchs_generator_words():
+    """`mt19937_words` (a batch of seeds at once) gives what torch's CPU generator gives after `manual_seed`, call
+    by call: `randint` the word modulo n (n up to 2**24), float32 `rand` its low 24 bits; seeds small, past 32 and up to 64 bits; and
+    the float32 tie of a flip's p (seed 5254236 draws exactly float32(0.7), which is not < 0.7 in float32)."""
+    from pipeline.replay import mt19937_is_torchs, mt19937_words
+
+    seeds = np.concatenate([np.arange(20), np.random.default_rng(0).integers(0, 2**63, 200) * 2 + 1,
+                            [2**32, 2**64 - 1, 5254236]]).astype(np.uint64)
+    words = mt19937_words(seeds, 5)
+    generator = torch.Generator()
+    for seed, row in zip(seeds.tolist(), words.tolist()):
+        generator.manual_seed(seed)
+        drawn = [int(torch.randint(0, n, size=(), generator=generator)) for n in (3, 33, 2**24 - 5)]
+        flips = [bool(torch.rand(1, generator=generator) < p) for p in (0.7, 0.5)]
+        assert drawn == [row[0] % 3, row[1] % 33, row[2] % (2**24 - 5)], seed
+        assert flips == [(word & 0xFFFFFF) < np.float32(p) * 2**24 for word, p in zip(row[3:], (0.7, 0.5))], seed
+    generator.manual_seed(5254236)
+    assert torch.rand(1, generator=generator).item() == np.float32(0.7) and mt19937_is_torchs()
+
+
+@pytest.mark.parametrize("name", [n for n in CROPS_AND_FLIPS if CROPS_AND_FLIPS[n]])
+def test_batched_draws_equal_torchs_calls_view_by_view(name, monkeypatch):
+    """`BatchReplay.draw` computes the generator's words for the whole batch; where that could not be trusted
+    (`mt19937_is_torchs` False) it makes torch's calls view by view: both give the same parameters."""
+    from pipeline import replay
+
+    transform = input_transform(build_augment(CROPS_AND_FLIPS[name]), (0.5,) * 3, (0.2,) * 3)
+    plan = BatchReplay.of(transform)
+    samples, views = np.repeat(np.arange(300), 3), np.tile(np.arange(3), 300)
+    batched = plan.draw(11, samples, views, (3, 32, 32))
+    monkeypatch.setattr(replay, "mt19937_is_torchs", lambda: False)
+    assert np.array_equal(batched, plan.draw(11, samples, views, (3, 32, 32)))
