@@ -284,7 +284,8 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
              "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read with the "
              "views in the thread beside the step); "
              "oracle: the same step on views and logits already on the device; today: "
-             + ("the loop before issue 23 (`pipeline/` of 645e227: float32, a host synchronisation every step)"
+             + ("left out in this run" if not revision else
+                "the loop before issue 23 (`pipeline/` of 645e227: float32, a host synchronisation every step)"
                 if revision == "645e227" else f"`pipeline/` of git revision {revision}, in float32")
              + ". Crop with padding + flip views, replayed a batch at a time.", "",
              "| student | data | setting | variant | first pass samples/s | x oracle | later pass samples/s | "
