@@ -98,7 +98,7 @@ def view_seeds(seed: int, samples, views) -> np.ndarray:
 _MT_M, _MT_INIT, _MT_MATRIX = 397, 1812433253, 0x9908B0DF
 _ONE_WORD = 1 << 24  # randint(0, n) takes one word for n up to this at least (torch 2.14: below 2**28; then two)
 COMPUTED_FROM = 128  # views: `BatchReplay.draw` computes the words of at least this many at once (bench/draws.py:
-#                      ~2 ms a call whatever the size, so 64 views are faster through torch's calls, 1,024 ~7x slower)
+#                      ~2 ms a call whatever its size: 64 views are faster through torch's calls, 1,024 7.5x faster here)
 
 
 def mt19937_words(seeds, count: int) -> np.ndarray:
@@ -179,10 +179,11 @@ class BatchReplay:
     scale, ratio, interpolation, antialias: the ImageNet family) followed only by flips; `BatchReplay.of(transform)`
     is None for anything else (callers then replay view by view). The random draws are replay_view's own: each
     view's generator is seeded with `view_seed`, and each step draws what its `forward` draws (a flip's
-    `torch.rand(1) >= p`, a crop's `make_params`), on the CPU (`draw`, ~15 us per view against ~75 us for a
-    whole 3x32x32 view). The pixels then move in one gather on the batch's own device (`apply`), then the
-    transform's own ToDtype and Normalize run on the batch: a view costs a few microseconds on the CPU and almost
-    nothing on a GPU, and uint8 images cross to the GPU instead of float32 ones.
+    `torch.rand(1) >= p`, a crop's `make_params`), on the CPU (`draw`: ~3 us a view for a thousand views at once,
+    ~20 us a view below COMPUTED_FROM, against ~75 us for a whole 3x32x32 view through replay_view). The pixels
+    then move in one gather on the batch's own device (`apply`), then the transform's own ToDtype and Normalize run
+    on the batch: a view costs a few microseconds on the CPU and almost nothing on a GPU, and uint8 images cross to
+    the GPU instead of float32 ones.
 
     How: each view's crops and flips compose into a row index map and a column index map into the image with
     one fill row and column appended (index H or W = fill): a crop with padding (l, t, r, b) at (top, left)
@@ -225,9 +226,10 @@ class BatchReplay:
         for the whole batch at once), making the very calls their `make_params` / `forward` make on the global
         generator (`torch.randint(0, n, ())` for each cropped axis, `torch.rand(1) < p` for a flip): the same numbers,
         and the global generator is never touched, so this may run in any thread. For COMPUTED_FROM views or more,
-        those calls' words are computed for the whole batch at once (`mt19937_words`: 2.4 us a view for 1,024,
-        against ~18 us for the calls), where `mt19937_is_torchs`; else made through torch, view by view. A RandomResizedCrop draws
-        through its own `make_params` on the global generator (restored after), in the main thread only."""
+        those calls' words are computed for the whole batch at once (`mt19937_words`: ~3 us a view for 1,024,
+        against ~22 us for the calls: bench/draws.py), where `mt19937_is_torchs`; else made through torch, view by
+        view. A RandomResizedCrop draws through its own `make_params` on the global generator (restored after), in
+        the main thread only."""
         from torchvision.transforms import v2
 
         if self.resized is not None:
@@ -404,7 +406,7 @@ class ReplayDataset(torch.utils.data.Dataset):
     distinct uint8 images, which view takes which, and the drawn parameters, and the loader replays them on the
     training device (`batched`; the same tensors either way). `memo_views` V > 0 (crops and flips only): the drawn
     parameters of views 0..V-1 are kept (int32, at most MEMO_BYTES) once drawn, so a run cycling through a store's V
-    views draws each once (the draws cost ~20 us a view; a kept row is the same row).
+    views draws each once (the draws cost ~3 us a view in groups of a thousand; a kept row is the same row).
     """
 
     def __init__(self, images, labels: torch.Tensor, transform, seed: int, targets=None, batched: bool = True,
