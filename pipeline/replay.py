@@ -98,7 +98,7 @@ def view_seeds(seed: int, samples, views) -> np.ndarray:
 _MT_M, _MT_INIT, _MT_MATRIX = 397, 1812433253, 0x9908B0DF
 _ONE_WORD = 1 << 24  # randint(0, n) takes one word for n up to this at least (torch 2.14: below 2**28; then two)
 COMPUTED_FROM = 128  # views: `BatchReplay.draw` computes the words of at least this many at once (bench/draws.py:
-#                      ~2 ms a call whatever its size: 64 views are faster through torch's calls, 1,024 7.5x faster here)
+#                      ~2 ms a call whatever its size: 64 views are faster through torch's calls, 1,024 7.5x faster)
 
 
 def mt19937_words(seeds, count: int) -> np.ndarray:
