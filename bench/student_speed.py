@@ -45,6 +45,7 @@ from output import publish  # noqa: E402
 CPU_SETUPS = {"tiny_cnn": ((1, 8, 8), 10, 20_000, 2, 64, 1), "resnet20": ((3, 32, 32), 10, 1_024, 2, 64, 4)}
 GPU_SETUPS = {"resnet20": ((3, 32, 32), 10, 50_000, 2, 512, 4), "resnet18": ((3, 224, 224), 100, 5_000, 2, 256, 16)}
 VARIANTS = ("memory", "ooc", "oracle", "today")
+BEFORE_ISSUE_23 = "645e227"  # `today`'s default revision: the loop before issue 23 (float32, a sync per step)
 SETTINGS = {  # name: (amp, channels_last, compile)
     "off": ("off", False, False), "bfloat16": ("bfloat16", False, False),
     "bfloat16_cl": ("bfloat16", True, False), "bfloat16_cl_compile": ("bfloat16", True, True),
@@ -191,7 +192,7 @@ def oracle(model, cfg, data: Data, device) -> tuple[float, float, float]:
 
 
 def measure(students: list[str], settings: list[str], repeats: int, device_name: str, tmp: Path, old: Path,
-            revision: str = "645e227"):
+            revision: str = BEFORE_ISSUE_23):
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -228,7 +229,7 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
             results[f"distill_first_vs_oracle_{suffix}"] = ratio("memory", "oracle", first)
             results[f"distill_first_ooc_vs_oracle_{suffix}"] = ratio("ooc", "oracle", first)
             for variant in variants:
-                shown = setting if variant != "today" else ("float32, sync per step" if revision == "645e227"
+                shown = setting if variant != "today" else ("float32, sync per step" if revision == BEFORE_ISSUE_23
                                                              else f"float32, `pipeline/` of {revision}")
                 versus_today = f"{ratio(variant, 'today'):.2f}" if "today" in variants else "-"
                 rows.append(f"| {student} | {data.samples:,} x {data.views} views, batch {data.batch} | {shown} | "
@@ -248,7 +249,7 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
 @click.option("--device", "device_name", default="cpu", show_default=True)
 @click.option("--append", "out", default=None, help="Append the markdown section to this file.")
 @click.option("--json", "json_path", default="bench/results.json", show_default=True)
-@click.option("--today", "revision", default="645e227", show_default=True,
+@click.option("--today", "revision", default=BEFORE_ISSUE_23, show_default=True,
               help="The git revision whose pipeline/ is `today`'s loop (the last before issue 23).")
 @click.option("--quick", is_flag=True, help="Smoke run: tiny_cnn on 2,048 images, one repeat; numbers meaningless.")
 @click.option("--one", "one_student", default=None, hidden=True)
@@ -285,8 +286,8 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
              "views in the thread beside the step); "
              "oracle: the same step on views and logits already on the device; today: "
              + ("left out in this run" if not revision else
-                "the loop before issue 23 (`pipeline/` of 645e227: float32, a host synchronisation every step)"
-                if revision == "645e227" else f"`pipeline/` of git revision {revision}, in float32")
+                f"the loop before issue 23 (`pipeline/` of {revision}: float32, a host synchronisation every step)"
+                if revision == BEFORE_ISSUE_23 else f"`pipeline/` of git revision {revision}, in float32")
              + ". Crop with padding + flip views, replayed a batch at a time.", "",
              "| student | data | setting | variant | first pass samples/s | x oracle | later pass samples/s | "
              "x oracle | x today | warm epoch s |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
