@@ -10,6 +10,9 @@ random float16 logits written once per run:
   memory       the zarr store loaded into memory (`LogitStore`'s default when it fits), read per batch
   zarr / hdf5  the store read through its chunk cache with `memory_mb` = store size / 10, windowed shuffle
                (`distill.shuffle_chunks`), read-ahead thread (`kd distill`'s setting for stores larger than memory)
+  hdf5_h5py    (--hdf5-h5py) the HDF5 store read through h5py, which holds the GIL through each chunk's read and
+               checksum, instead of raw (pipeline.h5raw: os.pread and numpy, without the GIL): the reader before
+               this changed (`pipeline.store.RAW_HDF5 = False`)
   s3           (--s3) the zarr store at an s3:// URL on a local S3 server (moto's server mode on 127.0.0.1, started
                here, reached through AWS_ENDPOINT_URL), read as zarr is, within the same budget
 (A full shuffle of a store larger than memory decodes most chunks for every batch: far slower, so left out; the
@@ -20,7 +23,7 @@ on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.jso
   distill_memory_vs_oracle[_resnet20],
   distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
   distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows); with --workers N the keys end
-  in _wN (_gpu before it on a GPU); with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
+  in _wN (_gpu before it on a GPU); with --hdf5-h5py distill_ooc_hdf5_raw_vs_h5py[...]; with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from output import growth_line, publish
 SETUPS = {  # name: (student, (C, H, W), classes, samples, views, batch)
     "tiny": ("tiny_cnn", (1, 8, 8), 100, 100_000, 8, 64),
     "resnet20": ("resnet20", (3, 32, 32), 10, 6_000, 8, 64),
+    "classes1k": ("tiny_cnn", (1, 8, 8), 1000, 20_000, 8, 64),  # ImageNet's 1,000 classes: 10x the bytes a sample
 }
 QUICK = {"tiny": ("tiny_cnn", (1, 8, 8), 100, 3_000, 2, 64)}  # --quick: a smoke run, numbers meaningless
 GPU_SETUPS = {"resnet20": ("resnet20", (3, 32, 32), 10, 50_000, 8, 256)}  # --device cuda
@@ -131,7 +135,11 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
         assert store.in_memory
         targets = store_targets(store)
     else:
-        path = {"hdf5": root / "logits.h5", "zarr": root / "logits.zarr",
+        if variant == "hdf5_h5py":
+            import pipeline.store
+
+            pipeline.store.RAW_HDF5 = False
+        path = {"hdf5": root / "logits.h5", "hdf5_h5py": root / "logits.h5", "zarr": root / "logits.zarr",
                 "s3": os.environ.get("KD_BENCH_S3", "") + f"/{root.name}/logits.zarr"}[variant]
         store = LogitStore(path, max_memory_bytes=budget)
         assert not store.in_memory
@@ -199,6 +207,8 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
         results[f"distill_ooc_vs_oracle_{fmt}{suffix}"] = ratio(fmt, "oracle")
     if "s3" in VARIANTS:
         results[f"distill_ooc_s3_vs_zarr{suffix}"] = ratio("s3", "zarr")
+    if "hdf5_h5py" in VARIANTS:
+        results[f"distill_ooc_hdf5_raw_vs_h5py{suffix}"] = ratio("hdf5", "hdf5_h5py")
     floor_rss = statistics.median(x["rss_mb"] for x in runs["floor"])
     results[f"distill_ooc_peak_rss_mb{suffix}"] = max(x["rss_mb"] for v in ("zarr", "hdf5") for x in runs[v]) - floor_rss
     results[f"distill_ooc_budget_mb{suffix}"] = runs["zarr"][0]["budget_mb"]
@@ -234,14 +244,18 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
               help="DataLoader workers in every variant (with >= 1, a store larger than memory is read in them).")
 @click.option("--quick", is_flag=True, help="Smoke run: a small tiny-student setup, no scaling run.")
 @click.option("--s3", "with_s3", is_flag=True, help="Add the s3 variant: the zarr store on a local S3 server.")
+@click.option("--hdf5-h5py", "with_h5py", is_flag=True,
+              help="Add the hdf5_h5py variant: the HDF5 store read through h5py, not raw.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, variant, setup, samples,
-         root):
+def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, with_h5py, variant, setup,
+         samples, root):
     global DEVICE, SETUPS, WORKERS, VARIANTS
     DEVICE, WORKERS = device_name, workers
+    if with_h5py:
+        VARIANTS = (*VARIANTS, "hdf5_h5py")
     if with_s3 or variant == "s3":
         VARIANTS = (*VARIANTS, "s3")
         if not variant:
@@ -267,7 +281,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
             results.update(scaling(Path(tmp)))
     lines = ["", "## Distilling from a store larger than memory", "",
              f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}"
-             f"{' --s3' if 's3' in VARIANTS else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{' --s3' if 's3' in VARIANTS else ''}{' --hdf5-h5py' if with_h5py else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import KDError, topk
+from pipeline.h5raw import RawChunks
 
 FORMAT_VERSION = 7  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k;
 # 6: replay; 7: mix (older stores read as mix none: they hold unmixed views)
 FLOAT16_MAX = 65504.0
+RAW_HDF5 = True  # read an HDF5 store's chunks raw where its layout allows (pipeline.h5raw); False: through h5py
 
 
 class StoreError(KDError):
@@ -187,10 +189,15 @@ class LogitStore:
         chunk_bytes = nbytes / max(1, meta.num_chunks)
         self._chunks: OrderedDict[int, dict] = OrderedDict()  # decoded chunks, least recently used first
         self.chunk_capacity = max(2, int(max_memory_bytes // max(1.0, chunk_bytes)))  # decoded chunks kept
+        self._raw = None  # an HDF5 store's chunks read raw, without the GIL (pipeline.h5raw), where it can
         if self.in_memory:
             self._arrays = {name: np.asarray(self._guarded(lambda a=a: a[:], f"all rows of {name}"))
                             for name, a in arrays.items()}
             self._check_finite(self._arrays, np.arange(meta.num_samples))
+        elif fmt == "hdf5" and RAW_HDF5:
+            raw = {name: RawChunks.of(path, a) for name, a in arrays.items()}
+            if all(r is not None and r.rows == meta.chunk_samples for r in raw.values()):
+                self._raw = raw
 
     def _guarded(self, read, rows: str):
         """Run `read()`, turning a failed checksum, truncated chunk or I/O error into a StoreError."""
@@ -243,6 +250,10 @@ class LogitStore:
         capacity) in one read: zarr fetches the chunks of one read concurrently, so a batch that needs a window of
         chunks from object storage waits for about one request's latency, not one per chunk. The values are those
         chunk by chunk reads give (the same decoded chunks, split at their boundaries)."""
+        if self._raw is not None:  # a local file: a read per chunk costs no more than one per run
+            for k in missing:
+                self._keep(k, self._decode(k))
+            return
         runs, capacity = [], max(1, self.chunk_capacity - 1)
         for k in missing:
             if runs and k == runs[-1][-1] + 1 and len(runs[-1]) < capacity:
@@ -267,20 +278,25 @@ class LogitStore:
         if k in self._chunks:
             self._chunks.move_to_end(k)
             return self._chunks[k]
+        block = self._decode(k)
+        self._keep(k, block)
+        return block
+
+    def _decode(self, k: int) -> dict[str, np.ndarray]:
+        """Chunk k of every array, its checksum verified: read raw where it can be, else through zarr or h5py."""
         first, stop = self.meta.chunk_rows(k)
         where = f"chunk {k} (rows {first}..{stop - 1})"
-        block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where)) for name, a in self._arrays.items()}
-        self._keep(k, block)
+        block = {}
+        for name, a in self._arrays.items():
+            raw = None if self._raw is None else self._guarded(lambda r=self._raw[name]: r.read(first), where)
+            block[name] = raw if raw is not None else np.asarray(self._guarded(lambda a=a: a[first:stop], where))
         return block
 
     def verify_chunks(self) -> int:
         """Read every chunk (checksums are verified on decode) and check its values; return the chunk count."""
         for k in range(self.meta.num_chunks):
             first, stop = self.meta.chunk_rows(k)
-            where = f"chunk {k} (rows {first}..{stop - 1})"
-            block = {name: np.asarray(self._guarded(lambda a=a: a[first:stop], where))
-                     for name, a in self._arrays.items()}
-            self._check_finite(block, np.arange(first, stop))
+            self._check_finite(self._decode(k), np.arange(first, stop))
         return self.meta.num_chunks
 
     def check_run(self, **expected) -> None:

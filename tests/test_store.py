@@ -9,6 +9,7 @@ import zarr
 from pipeline.data import fingerprint
 from pipeline.models import weights_fingerprint
 from pipeline.replay import replay_view
+from pipeline.h5raw import RawChunks, fletcher32
 from pipeline.store import LogitStore, StoreError, StoreMeta
 from pipeline.writer import StoreWriter, write_store
 from pipeline.cache import teacher_forward
@@ -202,6 +203,81 @@ def test_nan_in_a_stored_hdf5_chunk_is_refused_at_read(tmp_path):
         f["logits"][5, 1, 3] = np.nan
     with pytest.raises(StoreError, match="sample 5 are not finite"):
         LogitStore(path, max_memory_bytes=0).read(np.array([0, 5]), np.array([0, 1]))
+
+
+def hdf5_fletcher32(data: bytes) -> int:
+    """HDF5's H5_checksum_fletcher32 (H5checksum.c), line by line: the reference for pipeline.h5raw."""
+    words, sum1, sum2, i = len(data) // 2, 0, 0, 0
+    while words:
+        block = min(words, 360)
+        words -= block
+        for _ in range(block):
+            sum1 += data[i] << 8 | data[i + 1]
+            sum2 += sum1
+            i += 2
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    if len(data) % 2:
+        sum1 += data[i] << 8
+        sum2 += sum1
+        sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    sum1, sum2 = (sum1 & 0xFFFF) + (sum1 >> 16), (sum2 & 0xFFFF) + (sum2 >> 16)
+    return sum2 << 16 | sum1
+
+
+def test_fletcher32_is_hdf5s_checksum():
+    rng = np.random.default_rng(0)
+    cases = [b"", b"\x00", b"\x01", b"\x00" * 5000, b"\xff" * 4097, b"\xff\xff" * 65535, b"\x00\x01\xff\xfe"]
+    cases += [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 6000, 100)]
+    assert [fletcher32(c) for c in cases] == [hdf5_fletcher32(c) for c in cases]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_hdf5_chunks_read_raw_equal_h5pys_reads_bit_for_bit(dtype, tmp_path):
+    path = tmp_path / "s.hdf5"
+    write_store(path, "hdf5", meta(num_samples=10, chunk_samples=4, dtype=dtype), np.zeros(10, np.int64),
+                [(k, logits(4 if k < 2 else 2, seed=k)) for k in range(3)])  # a last chunk of 2 rows
+    store = LogitStore(path, max_memory_bytes=0)
+    assert store._raw is not None  # the layout `kd cache` writes is read raw
+    with h5py.File(path, "r") as f:
+        for k, first in enumerate([0, 4, 8]):
+            raw = store._raw["logits"].read(first)
+            expected = f["logits"][first:first + 4]
+            assert raw.dtype == expected.dtype and raw.shape == expected.shape
+            assert raw.tobytes() == expected.tobytes()
+            info = f["logits"].id.get_chunk_info_by_coord((first, 0, 0))
+            with open(path, "rb") as file:
+                file.seek(info.byte_offset)
+                chunk = file.read(info.size)
+            assert fletcher32(chunk[:-4]) == int.from_bytes(chunk[-4:], "little")  # the checksum HDF5 wrote
+    samples, views = np.random.default_rng(1).integers(10, size=40), np.random.default_rng(2).integers(2, size=40)
+    assert np.array_equal(store.read(samples, views), LogitStore(path).read(samples, views))
+
+
+def test_other_hdf5_layouts_are_read_through_h5py(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        kinds = {"fletcher32": {"fletcher32": True}, "gzip": {"fletcher32": True, "compression": "gzip"},
+                 "none": {}, "by views": {"fletcher32": True, "chunks": (4, 1, 10)},
+                 "big-endian": {"fletcher32": True, "dtype": ">f4"}}
+        readers = {name: RawChunks.of(tmp_path / "x.h5", f.create_dataset(
+            name, shape=(8, 3, 10), **{"chunks": (4, 3, 10), "dtype": "<f4", **options}))
+            for name, options in kinds.items()}
+    assert [name for name, r in readers.items() if r is not None] == ["fletcher32"]
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_flipped_byte_fails_the_hdf5_checksum(in_memory, tmp_path):
+    path = complete_store(tmp_path / "s.hdf5", "hdf5")
+    with h5py.File(path, "r") as f:
+        info = f["logits"].id.get_chunk_info_by_coord((4, 0, 0))
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset + 17] ^= 0xFF
+    path.write_bytes(bytes(data))
+    match = "all rows of logits.*corrupt" if in_memory else "chunk 1 .*corrupt"
+    with pytest.raises(StoreError, match=match):
+        LogitStore(path, max_memory_bytes=1 << 30 if in_memory else 0).read(np.arange(8), np.zeros(8, int))
+    if not in_memory:
+        with pytest.raises(StoreError, match="chunk 1 .*Fletcher-32 checksum"):
+            LogitStore(path, max_memory_bytes=0).verify_chunks()
 
 
 def test_not_a_store_is_refused(tmp_path):
