@@ -265,6 +265,20 @@ def test_other_hdf5_layouts_are_read_through_h5py(tmp_path):
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
+def test_an_unwritten_hdf5_chunk_is_refused_never_read_as_zeros(in_memory, tmp_path):
+    path = complete_store(tmp_path / "s.hdf5", "hdf5")  # 8 samples, chunks of 4
+    with h5py.File(path, "a") as f:
+        old = f["logits"][:]
+        del f["logits"]
+        f.create_dataset("logits", shape=old.shape, chunks=(4, *old.shape[1:]), dtype=old.dtype, fillvalue=np.nan,
+                         fletcher32=True)[:4] = old[:4]  # chunk 1 never written: HDF5 has no bytes for it
+    store = LogitStore(path, max_memory_bytes=1 << 30 if in_memory else 0)
+    assert in_memory or store._raw is not None  # out of core: read raw, the unwritten chunk through h5py
+    with pytest.raises(StoreError, match="sample 4 are not finite.*chunk is missing"):
+        store.read(np.arange(8), np.zeros(8, int))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
 def test_a_flipped_byte_fails_the_hdf5_checksum(in_memory, tmp_path):
     path = complete_store(tmp_path / "s.hdf5", "hdf5")
     with h5py.File(path, "r") as f:
