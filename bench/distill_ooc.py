@@ -13,8 +13,15 @@ random float16 logits written once per run:
   hdf5_h5py    (--hdf5-h5py) the HDF5 store read through h5py, which holds the GIL through each chunk's read and
                checksum, instead of raw (pipeline.h5raw: os.pread and numpy, without the GIL): the reader before
                this changed (`pipeline.store.RAW_HDF5 = False`)
+  zarr_lib     (--zarr-lib) the zarr store read through the zarr library (its event loop and thread pool) instead
+               of raw (pipeline.zarrraw: each chunk's file read whole, crc32c checked): the reader before this
+               changed (`pipeline.store.RAW_ZARR = False`)
   s3           (--s3) the zarr store at an s3:// URL on a local S3 server (moto's server mode on 127.0.0.1, started
                here, reached through AWS_ENDPOINT_URL), read as zarr is, within the same budget
+With --reads, the readers alone as well: one epoch of the windowed batches' `LogitStore.read` (no training, one
+thread, the chunk cache emptied before each pass so every chunk is decoded once, as in an epoch), raw and through the library per format,
+alternated; keys distill_ooc_read_us_per_batch_<reader>[...] and distill_ooc_read_raw_vs_lib_<fmt>[...] (the
+library's time over raw's).
 (A full shuffle of a store larger than memory decodes most chunks for every batch: far slower, so left out; the
 distill-step figures in BENCHMARKS.md time it.)
 Variants alternate within each repeat; the tables give medians and per-repeat ratio medians. Students: tiny_cnn
@@ -23,7 +30,7 @@ on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.jso
   distill_memory_vs_oracle[_resnet20],
   distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
   distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows); with --workers N the keys end
-  in _wN (_gpu before it on a GPU); with --hdf5-h5py distill_ooc_hdf5_raw_vs_h5py[...]; with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
+  in _wN (_gpu before it on a GPU); with --hdf5-h5py distill_ooc_hdf5_raw_vs_h5py[...]; with --zarr-lib distill_ooc_zarr_raw_vs_lib[...]; with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
 """
 
 from __future__ import annotations
@@ -135,11 +142,12 @@ def one(variant: str, setup: str, samples: int, root: Path) -> dict:
         assert store.in_memory
         targets = store_targets(store)
     else:
-        if variant == "hdf5_h5py":
+        if variant in ("hdf5_h5py", "zarr_lib"):
             import pipeline.store
 
-            pipeline.store.RAW_HDF5 = False
+            pipeline.store.RAW_HDF5 = pipeline.store.RAW_ZARR = False
         path = {"hdf5": root / "logits.h5", "hdf5_h5py": root / "logits.h5", "zarr": root / "logits.zarr",
+                "zarr_lib": root / "logits.zarr",
                 "s3": os.environ.get("KD_BENCH_S3", "") + f"/{root.name}/logits.zarr"}[variant]
         store = LogitStore(path, max_memory_bytes=budget)
         assert not store.in_memory
@@ -209,11 +217,52 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict]:
         results[f"distill_ooc_s3_vs_zarr{suffix}"] = ratio("s3", "zarr")
     if "hdf5_h5py" in VARIANTS:
         results[f"distill_ooc_hdf5_raw_vs_h5py{suffix}"] = ratio("hdf5", "hdf5_h5py")
+    if "zarr_lib" in VARIANTS:
+        results[f"distill_ooc_zarr_raw_vs_lib{suffix}"] = ratio("zarr", "zarr_lib")
     floor_rss = statistics.median(x["rss_mb"] for x in runs["floor"])
     results[f"distill_ooc_peak_rss_mb{suffix}"] = max(x["rss_mb"] for v in ("zarr", "hdf5") for x in runs[v]) - floor_rss
     results[f"distill_ooc_budget_mb{suffix}"] = runs["zarr"][0]["budget_mb"]
     results[f"distill_floor_rss_mb{suffix}"] = floor_rss
     return results, runs
+
+
+READERS = {"zarr": ("logits.zarr", True), "zarr_lib": ("logits.zarr", False), "hdf5": ("logits.h5", True),
+           "hdf5_h5py": ("logits.h5", False)}  # reader: (store, read raw)
+
+
+def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
+    """Microseconds a batch of one epoch's windowed `LogitStore.read`s per reader (READERS), medians of `repeats`
+    alternated passes (after one unmeasured pass), each with the store's chunk cache emptied (a budget of a tenth
+    of the store), so every chunk is decoded once a pass, as in an epoch of training."""
+    import pipeline.store
+    from pipeline.replay import epoch_pairs
+    from pipeline.store import LogitStore
+
+    _, _, classes, samples, views, batch = SETUPS[setup]
+    root = tmp / setup
+    budget = samples * views * classes * 2 // 10
+    pairs = np.array(epoch_pairs("random", views, samples, 0, 0, WINDOW_CHUNKS * chunk_for(samples)))
+    times = {r: [] for r in READERS}
+    stores = {}
+    for reader, (name, raw) in READERS.items():
+        pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = raw
+        stores[reader] = LogitStore(root / name, max_memory_bytes=budget)
+        assert (stores[reader]._raw is not None) == raw and not stores[reader].in_memory
+    pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True
+    for r in range(repeats + 1):
+        for reader, store in stores.items():
+            store._chunks.clear()
+            start = time.perf_counter()
+            for first in range(0, samples, batch):
+                store.read(pairs[first:first + batch, 0], pairs[first:first + batch, 1])
+            if r:
+                times[reader].append((time.perf_counter() - start) / -(-samples // batch) * 1e6)
+    suffix = "" if setup == "tiny" else f"_{setup}"
+    out = {f"distill_ooc_read_us_per_batch_{reader}{suffix}": statistics.median(t) for reader, t in times.items()}
+    for fmt, lib in (("zarr", "zarr_lib"), ("hdf5", "hdf5_h5py")):
+        out[f"distill_ooc_read_raw_vs_lib_{fmt}{suffix}"] = statistics.median(
+            b / a for a, b in zip(times[fmt], times[lib]))
+    return out
 
 
 def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
@@ -246,16 +295,22 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
 @click.option("--s3", "with_s3", is_flag=True, help="Add the s3 variant: the zarr store on a local S3 server.")
 @click.option("--hdf5-h5py", "with_h5py", is_flag=True,
               help="Add the hdf5_h5py variant: the HDF5 store read through h5py, not raw.")
+@click.option("--zarr-lib", "with_zarr_lib", is_flag=True,
+              help="Add the zarr_lib variant: the zarr store read through the zarr library, not raw.")
+@click.option("--reads", "with_reads", is_flag=True,
+              help="Also time the readers alone: one epoch's batch reads, raw and through zarr / h5py.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, with_h5py, variant, setup,
-         samples, root):
+def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, with_h5py, with_zarr_lib,
+         with_reads, variant, setup, samples, root):
     global DEVICE, SETUPS, WORKERS, VARIANTS
     DEVICE, WORKERS = device_name, workers
     if with_h5py:
         VARIANTS = (*VARIANTS, "hdf5_h5py")
+    if with_zarr_lib:
+        VARIANTS = (*VARIANTS, "zarr_lib")
     if with_s3 or variant == "s3":
         VARIANTS = (*VARIANTS, "s3")
         if not variant:
@@ -277,11 +332,13 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
             r, runs = measure(name, repeats, Path(tmp))
             results.update(r)
             tables[name] = runs
+            if with_reads:
+                results.update(reads_alone(name, repeats, Path(tmp)))
         if scaling_run:
             results.update(scaling(Path(tmp)))
     lines = ["", "## Distilling from a store larger than memory", "",
              f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}"
-             f"{' --s3' if 's3' in VARIANTS else ''}{' --hdf5-h5py' if with_h5py else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{' --s3' if 's3' in VARIANTS else ''}{' --hdf5-h5py' if with_h5py else ''}{' --zarr-lib' if with_zarr_lib else ''}{' --reads' if with_reads else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "
@@ -298,6 +355,14 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
             lines.append(f"| {student} | {n:,} x {views} x {classes} | {rs[0]['store_mb']:.0f} | "
                          f"{rs[0]['budget_mb']:.1f} | {variant} | {per_s:,.0f} | {vs('floor'):.2f} | "
                          f"{vs('oracle'):.2f} | {max(x['rss_mb'] for x in rs):.0f} |")
+    for name in tables if with_reads else ():
+        suffix = "" if name == "tiny" else f"_{name}"
+        us = {r: results[f"distill_ooc_read_us_per_batch_{r}{suffix}"] for r in READERS}
+        lines += ["", f"The readers alone ({name}: one epoch's windowed batches of {SETUPS[name][5]}, `LogitStore.read` "
+                  "only, every chunk decoded once a pass, medians of alternated passes): us a batch " +
+                  ", ".join(f"{r} {v:,.0f}" for r, v in us.items()) +
+                  f"; the library's time over raw's: zarr {results[f'distill_ooc_read_raw_vs_lib_zarr{suffix}']:.2f}x, "
+                  f"hdf5 {results[f'distill_ooc_read_raw_vs_lib_hdf5{suffix}']:.2f}x"]
     lines += growth_line("Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows",
                          results, "distill_ooc_us_per_sample_")
     publish(lines, results, out, json_path)

@@ -11,6 +11,8 @@ later pass (the draws kept since: `ReplayDataset(memo_views=V)`), the steady sta
           reads, the step; the default run's path)
   ooc     the same from the store through its chunk cache with a memory budget of a tenth of the store
           (`memory_mb`) and the windowed shuffle, as `kd distill` reads a store larger than memory
+  ooc_lib (--zarr-lib) ooc with the store's chunks read through the zarr library, not raw (`pipeline.zarrraw`;
+          `pipeline.store.RAW_ZARR = False`): the reader before it
   oracle  the same model, optimiser, precision, memory format and compile setting (`pipeline.step.Step` and
           `kd_loss`), stepping on views and teacher logits already on the device: no loader, no store, no replay
   today   the loop as it was before the recipe (issue 23): float32, channels-first, no compile, a host
@@ -19,7 +21,8 @@ later pass (the draws kept since: `ReplayDataset(memo_views=V)`), the steady sta
 Synthetic uint8 images and a real zarr store of random float16 logits (speed does not depend on the values).
 Keys in results.json (the later pass; `_first` after `distill`: the first pass): distill_vs_oracle_<student>_<device>,
 distill_samples_per_s_<student>_<device> (memory), distill_ooc_vs_oracle_<student>_<device>,
-distill_today_vs_oracle_<student>_<device>, distill_vs_today_<student>_<device>; a setting other than float32 adds
+distill_today_vs_oracle_<student>_<device>, distill_vs_today_<student>_<device>; with --zarr-lib
+distill_ooc_raw_vs_lib_<student>_<device>; a setting other than float32 adds
 _<setting> to the key.
 """
 
@@ -94,6 +97,7 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
     import torch
     from torchvision.transforms import v2
 
+    import pipeline.store
     from pipeline.data import Split, input_transform
     from pipeline.loaders import PREFETCH
     from pipeline.models import build_model
@@ -108,9 +112,11 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
     augment = v2.Compose([v2.RandomCrop(data.shape[-1], padding=data.padding), v2.RandomHorizontalFlip()])
     transform = input_transform(augment, (0.5,) * data.shape[0], (0.25,) * data.shape[0])
     train, val = Split(data.images, data.labels), Split(data.images[:data.batch], data.labels[:data.batch])
-    budget = 1 << 40 if variant != "ooc" else data.store_bytes // 10
+    budget = data.store_bytes // 10 if variant.startswith("ooc") else 1 << 40
+    pipeline.store.RAW_ZARR = variant != "ooc_lib"
     store = LogitStore(data.root / "logits.zarr", max_memory_bytes=budget)
-    assert store.in_memory == (variant != "ooc")
+    pipeline.store.RAW_ZARR = True
+    assert store.in_memory == (not variant.startswith("ooc"))
     marks = [time.perf_counter()]
 
     def log(epoch, metrics):
@@ -119,7 +125,7 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
         marks.append(time.perf_counter())
 
     distill(model, train, val, store_targets(store), transform, transform, 0, data.views, cfg, kd_weight=1.0, seed=0,
-            device=device, chunk_samples=data.chunk, prefetch=PREFETCH if variant == "ooc" else 0, log=log,
+            device=device, chunk_samples=data.chunk, prefetch=PREFETCH if variant.startswith("ooc") else 0, log=log,
             progress=False)
     return marks[-1] - marks[-2], marks[2] - marks[1], marks[1] - marks[0]
 
@@ -192,13 +198,15 @@ def oracle(model, cfg, data: Data, device) -> tuple[float, float, float]:
 
 
 def measure(students: list[str], settings: list[str], repeats: int, device_name: str, tmp: Path, old: Path,
-            revision: str = BEFORE_ISSUE_23):
+            revision: str = BEFORE_ISSUE_23, zarr_lib: bool = False):
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device(device_name)
     setups = GPU_SETUPS if device.type == "cuda" else CPU_SETUPS
     variants = VARIANTS if old is not None else tuple(v for v in VARIANTS if v != "today")
+    if zarr_lib:
+        variants = (*variants, "ooc_lib")
     rows, results = [], {}
     for student in students:
         data = Data(student, setups[student], tmp)
@@ -228,6 +236,8 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
                 results[f"distill_vs_today_{suffix}"] = ratio("memory", "today")
             results[f"distill_first_vs_oracle_{suffix}"] = ratio("memory", "oracle", first)
             results[f"distill_first_ooc_vs_oracle_{suffix}"] = ratio("ooc", "oracle", first)
+            if zarr_lib:
+                results[f"distill_ooc_raw_vs_lib_{suffix}"] = ratio("ooc", "ooc_lib")
             for variant in variants:
                 shown = setting if variant != "today" else ("float32, sync per step" if revision == BEFORE_ISSUE_23
                                                              else f"float32, `pipeline/` of {revision}")
@@ -251,10 +261,12 @@ def measure(students: list[str], settings: list[str], repeats: int, device_name:
 @click.option("--json", "json_path", default="bench/results.json", show_default=True)
 @click.option("--today", "revision", default=BEFORE_ISSUE_23, show_default=True,
               help="The git revision whose pipeline/ is `today`'s loop (the last before issue 23).")
+@click.option("--zarr-lib", is_flag=True, help="Add the ooc_lib variant: ooc with the store read through the zarr "
+                                              "library, not raw.")
 @click.option("--quick", is_flag=True, help="Smoke run: tiny_cnn on 2,048 images, one repeat; numbers meaningless.")
 @click.option("--one", "one_student", default=None, hidden=True)
 @click.option("--root", default=None, hidden=True)
-def main(repeats, students, settings, device_name, out, json_path, revision, quick, one_student, root):
+def main(repeats, students, settings, device_name, out, json_path, revision, zarr_lib, quick, one_student, root):
     import json
 
     if quick:
@@ -274,7 +286,7 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
     settings = (settings or ("bfloat16_cl,bfloat16_cl_compile" if cuda else "off")).split(",")
     with tempfile.TemporaryDirectory(prefix="kd-student-") as tmp:
         rows, results = measure(students, settings, repeats, device_name, Path(tmp), old_pipeline(revision, Path(tmp)),
-                                revision)
+                                revision, zarr_lib)
     command = " ".join(["python bench/student_speed.py", *sys.argv[1:]])
     lines = ["", "## The student's step: `kd distill` against an oracle with no data path", "",
              f"`{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
@@ -283,7 +295,8 @@ def main(repeats, students, settings, device_name, out, json_path, revision, qui
              "drawn), epoch 3 a later pass (draws kept), variants alternated, medians of "
              f"{repeats}; x oracle and x today are medians of per-repeat ratios. memory: from a store "
              "in memory; ooc: from a store 10x the memory budget (chunk cache, windows of 4 chunks, read with the "
-             "views in the thread beside the step); "
+             "views in the thread beside the step; ooc_lib: the same, its chunks read through the zarr library, "
+             "not raw); "
              "oracle: the same step on views and logits already on the device; today: "
              + ("left out in this run" if not revision else
                 f"the loop before issue 23 (`pipeline/` of {revision}: float32, a host synchronisation every step)"

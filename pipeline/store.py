@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import KDError, topk
-from pipeline.h5raw import RawChunks
+from pipeline import h5raw, zarrraw
 
 FORMAT_VERSION = 7  # 2: mean, std; 3: checksums, NaN fill, chunks_done, chunk_samples; 4: amp; 5: storage, top_k;
 # 6: replay; 7: mix (older stores read as mix none: they hold unmixed views)
 FLOAT16_MAX = 65504.0
 RAW_HDF5 = True  # read an HDF5 store's chunks raw where its layout allows (pipeline.h5raw); False: through h5py
+RAW_ZARR = True  # read a local zarr store's chunks raw where its layout allows (pipeline.zarrraw); False: through zarr
 
 
 class StoreError(KDError):
@@ -189,13 +190,14 @@ class LogitStore:
         chunk_bytes = nbytes / max(1, meta.num_chunks)
         self._chunks: OrderedDict[int, dict] = OrderedDict()  # decoded chunks, least recently used first
         self.chunk_capacity = max(2, int(max_memory_bytes // max(1.0, chunk_bytes)))  # decoded chunks kept
-        self._raw = None  # an HDF5 store's chunks read raw, without the GIL (pipeline.h5raw), where it can
+        self._raw = None  # a local store's chunks read raw, past h5py's and zarr's Python (h5raw, zarrraw)
         if self.in_memory:
             self._arrays = {name: np.asarray(self._guarded(lambda a=a: a[:], f"all rows of {name}"))
                             for name, a in arrays.items()}
             self._check_finite(self._arrays, np.arange(meta.num_samples))
-        elif fmt == "hdf5" and RAW_HDF5:
-            raw = {name: RawChunks.of(path, a) for name, a in arrays.items()}
+        elif (fmt == "hdf5" and RAW_HDF5) or (fmt == "zarr" and RAW_ZARR and not is_url(path)):
+            reader = h5raw.RawChunks if fmt == "hdf5" else zarrraw.RawChunks
+            raw = {name: reader.of(path, a) for name, a in arrays.items()}
             if all(r is not None and r.rows == meta.chunk_samples for r in raw.values()):
                 self._raw = raw
 
@@ -233,16 +235,27 @@ class LogitStore:
 
     def _read_through_chunks(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Gather from whole decoded chunks, kept in an LRU cache within the memory budget: with the windowed
-        sampler (`distill.shuffle_chunks`) every chunk is decoded about once per epoch."""
+        sampler (`distill.shuffle_chunks`) every chunk is decoded about once per epoch. A batch's rows are
+        gathered chunk by chunk, grouped by one stable argsort (not a mask per chunk: `bench/distill_ooc.py --reads`)."""
         size = self.meta.chunk_samples
-        chunk_of = samples // size
         out = {name: np.empty((len(samples), a.shape[2]), dtype=a.dtype) for name, a in self._arrays.items()}
-        self._load([int(k) for k in np.unique(chunk_of) if k not in self._chunks])
-        for k in np.unique(chunk_of):
-            block = self._chunk(int(k))
-            rows = chunk_of == k
+        if not len(samples):
+            return out
+        chunk_of = samples // size
+        low = int(chunk_of.min())
+        present = np.zeros(int(chunk_of.max()) - low + 1, bool)  # a window's few chunks (np.unique sorts: slower)
+        present[chunk_of - low] = True
+        chunks, which = np.flatnonzero(present) + low, (np.cumsum(present) - 1)[chunk_of - low]
+        self._load([int(k) for k in chunks if k not in self._chunks])
+        if len(chunks) == 1:
+            block = self._chunk(int(chunks[0]))
+            return {name: values[samples - chunks[0] * size, views] for name, values in block.items()}
+        order, ends = np.argsort(which, kind="stable"), np.cumsum(np.bincount(which)).tolist()
+        for k, start, end in zip(chunks.tolist(), [0] + ends[:-1], ends):  # the batch's rows chunk by chunk
+            block, at = self._chunk(k), order[start:end]
+            rows, cols = samples[at] - k * size, views[at]
             for name in out:
-                out[name][rows] = block[name][samples[rows] - k * size, views[rows]]
+                out[name][at] = block[name][rows, cols]
         return out
 
     def _load(self, missing: list[int]) -> None:

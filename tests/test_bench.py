@@ -30,11 +30,11 @@ def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
     import json
 
     out, results = tmp_path / "ooc.md", tmp_path / "results.json"
-    script("bench/distill_ooc.py", "--quick", "--repeats", "1", "--hdf5-h5py", "--append", out, "--json", results)
+    script("bench/distill_ooc.py", "--quick", "--repeats", "1", "--hdf5-h5py", "--zarr-lib", "--append", out, "--json", results)
     assert "Distilling from a store larger than memory" in out.read_text()
     keys = json.loads(results.read_text())
     for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_hdf5_raw_vs_h5py",
-                "distill_ooc_peak_rss_mb",
+                "distill_ooc_zarr_raw_vs_lib", "distill_ooc_peak_rss_mb",
                 "distill_memory_vs_oracle", "distill_oracle_vs_floor"):
         assert key in keys
 
@@ -77,12 +77,14 @@ def test_student_speed_smoke_run_writes_its_table_and_keys(tmp_path):
     import json
 
     out, results = tmp_path / "speed.md", tmp_path / "results.json"
-    script("bench/student_speed.py", "--quick", "--append", out, "--json", results, env={"OMP_NUM_THREADS": "1"})
+    script("bench/student_speed.py", "--quick", "--zarr-lib", "--append", out, "--json", results,
+           env={"OMP_NUM_THREADS": "1"})
     text = out.read_text()
-    assert "The student's step" in text and "| tiny_cnn |" in text and "| oracle |" in text
+    assert "The student's step" in text and "| tiny_cnn |" in text and "| oracle |" in text and "| ooc_lib |" in text
     keys = json.loads(results.read_text())
     for key in ("distill_vs_oracle_tiny_cnn_cpu", "distill_samples_per_s_tiny_cnn_cpu",
-                "distill_ooc_vs_oracle_tiny_cnn_cpu", "distill_first_vs_oracle_tiny_cnn_cpu"):
+                "distill_ooc_vs_oracle_tiny_cnn_cpu", "distill_first_vs_oracle_tiny_cnn_cpu",
+                "distill_ooc_raw_vs_lib_tiny_cnn_cpu"):
         assert key in keys
 
 

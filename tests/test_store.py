@@ -9,6 +9,7 @@ import zarr
 from pipeline.data import fingerprint
 from pipeline.models import weights_fingerprint
 from pipeline.replay import replay_view
+from pipeline import store as store_module, zarrraw
 from pipeline.h5raw import RawChunks, fletcher32
 from pipeline.store import LogitStore, StoreError, StoreMeta
 from pipeline.writer import StoreWriter, write_store
@@ -186,8 +187,52 @@ def test_a_flipped_byte_fails_the_zarr_checksum(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match="chunk 1 .*corrupt"):
+    with pytest.raises(StoreError, match="chunk 1 .*corrupt.*crc32c checksum"):
         LogitStore(path, max_memory_bytes=0).verify_chunks()
+    with pytest.raises(StoreError, match="all rows of logits.*corrupt"):
+        LogitStore(path).read(np.arange(8), np.zeros(8, int))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_zarr_chunks_read_raw_equal_zarrs_reads_bit_for_bit(dtype, tmp_path):
+    import google_crc32c
+
+    path = tmp_path / "s.zarr"
+    write_store(path, "zarr", meta(num_samples=10, chunk_samples=4, dtype=dtype), np.zeros(10, np.int64),
+                [(k, logits(4 if k < 2 else 2, seed=k)) for k in range(3)])  # a last chunk of 2 rows
+    store = LogitStore(path, max_memory_bytes=0)
+    assert store._raw is not None  # the layout `kd cache` writes is read raw
+    array = zarr.open_group(str(path), mode="r")["logits"]
+    for k, first in enumerate([0, 4, 8]):
+        raw = store._raw["logits"].read(first)
+        expected = array[first:first + 4]
+        assert raw.dtype == expected.dtype and raw.shape == expected.shape
+        assert raw.tobytes() == expected.tobytes()
+        chunk = (path / f"logits/c/{k}/0/0").read_bytes()
+        assert google_crc32c.value(chunk[:-4]) == int.from_bytes(chunk[-4:], "little")  # the checksum zarr wrote
+    samples, views = np.random.default_rng(1).integers(10, size=40), np.random.default_rng(2).integers(2, size=40)
+    assert np.array_equal(store.read(samples, views), LogitStore(path).read(samples, views))
+
+
+@pytest.mark.filterwarnings("ignore:Combining a `sharding_indexed`")
+def test_other_zarr_layouts_are_read_through_zarr(tmp_path, monkeypatch):
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+
+    group = zarr.open_group(str(tmp_path / "x.zarr"), mode="w")
+    kinds = {"crc32c": {}, "zstd": {"compressors": [ZstdCodec(), Crc32cCodec()]}, "no checksum": {"compressors": []},
+             "by views": {"chunks": (4, 1, 10)}, "big-endian": {"serializer": BytesCodec(endian="big")},
+             "sharded": {"serializer": ShardingCodec(chunk_shape=(2, 3, 10)), "chunks": (4, 3, 10)}}
+    readers = {name: zarrraw.RawChunks.of(tmp_path / "x.zarr", group.create_array(
+        name, **{"shape": (8, 3, 10), "chunks": (4, 3, 10), "dtype": "<f4", "compressors": [Crc32cCodec()],
+                 **options})) for name, options in kinds.items()}
+    assert [name for name, r in readers.items() if r is not None] == ["crc32c"]
+    path = complete_store(tmp_path / "s.zarr", "zarr")
+    assert LogitStore(f"file://{path}", max_memory_bytes=0)._raw is None  # a URL: read through zarr (fsspec)
+    monkeypatch.setattr(store_module, "RAW_ZARR", False)
+    through_zarr = LogitStore(path, max_memory_bytes=0)
+    assert through_zarr._raw is None
+    assert np.array_equal(through_zarr.read(np.arange(8), np.ones(8, int)),
+                          LogitStore(path).read(np.arange(8), np.ones(8, int)))
 
 
 def test_a_truncated_hdf5_file_is_a_clear_error(tmp_path):

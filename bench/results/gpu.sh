@@ -21,4 +21,4 @@ if [ -d gpu-old/pipeline ]; then
   PYTHONPATH=${SITE:+$SITE:}$PWD/gpu-old python3 bench/cache_throughput.py --device cuda --workers 8 --repeats 3 \
       --amps float16 --append "$OUT/gpu_cache_old.md" --json "$OUT/gpu_old.json"
 fi
-python3 bench/distill_ooc.py --device cuda --repeats ${OOC_REPEATS:-2} --hdf5-h5py --append "$OUT/gpu_ooc.md" --json "$OUT/gpu.json"
+python3 bench/distill_ooc.py --device cuda --repeats ${OOC_REPEATS:-2} --hdf5-h5py --zarr-lib --append "$OUT/gpu_ooc.md" --json "$OUT/gpu.json"
