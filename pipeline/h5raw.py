@@ -24,6 +24,7 @@ import numpy as np
 
 MOD = 65535
 BLOCK = 1024  # words a row in the blocked sums below
+NARROW_ROWS = 65536  # up to this many rows of BLOCK words, column sums fit uint32 (each below rows x 65535)
 
 
 def _fold(total: int, nonzero: bool) -> int:
@@ -34,16 +35,18 @@ def _fold(total: int, nonzero: bool) -> int:
 def fletcher32(data: bytes) -> int:
     """HDF5's Fletcher-32 checksum of `data` (module docstring), from numpy reductions (which release the GIL).
     Σ i·w_i is taken in blocks of BLOCK words: Σ_b Σ_j (b·BLOCK + j) w_bj = BLOCK Σ_b b s_b + Σ_j j c_j with s_b
-    the block sums and c_j the column sums, every product reduced mod 65535 so that int64 never overflows."""
-    words = np.frombuffer(data, ">u2", count=len(data) // 2)
+    the block sums and c_j the column sums, every product reduced mod 65535 so that int64 never overflows. The sums
+    themselves run in uint32 on the words in native order (exact: a block sum is below BLOCK x 65535, a column sum
+    below NARROW_ROWS x 65535 < 2**32; int64 past that)."""
+    words = np.frombuffer(data, ">u2", count=len(data) // 2).astype("=u2")  # native order once: sums run 2-3x faster
     n = len(words) + len(data) % 2
     whole = len(words) // BLOCK * BLOCK
     grid = words[:whole].reshape(-1, BLOCK)
     tail = words[whole:].astype(np.int64)
     if len(data) % 2:
         tail = np.append(tail, np.int64(data[-1]) << 8)
-    block_sums = grid.sum(axis=1, dtype=np.int64)  # exact: each below BLOCK * 65535
-    column_sums = grid.sum(axis=0, dtype=np.int64) % MOD
+    block_sums = grid.sum(axis=1, dtype=np.uint32).astype(np.int64)  # exact: each below BLOCK * 65535 < 2**32
+    column_sums = grid.sum(axis=0, dtype=np.uint32 if len(grid) <= NARROW_ROWS else np.int64).astype(np.int64) % MOD
     blocks = np.arange(len(grid), dtype=np.int64) % MOD
     positions = np.arange(whole, whole + len(tail), dtype=np.int64) % MOD
     sum1 = int(block_sums.sum()) + int(tail.sum())  # Σ w_i, exact

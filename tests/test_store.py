@@ -269,10 +269,15 @@ def hdf5_fletcher32(data: bytes) -> int:
     return sum2 << 16 | sum1
 
 
-def test_fletcher32_is_hdf5s_checksum():
+@pytest.mark.parametrize("narrow_rows", [65536, 1])  # 1: column sums in int64, as for chunks over 128 MiB
+def test_fletcher32_is_hdf5s_checksum(narrow_rows, monkeypatch):
+    from pipeline import h5raw
+
+    monkeypatch.setattr(h5raw, "NARROW_ROWS", narrow_rows)
     rng = np.random.default_rng(0)
     cases = [b"", b"\x00", b"\x01", b"\x00" * 5000, b"\xff" * 4097, b"\xff\xff" * 65535, b"\x00\x01\xff\xfe"]
     cases += [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 6000, 100)]
+    cases += [rng.integers(0, 256, 300_001, dtype=np.uint8).tobytes(), b"\xff" * 300_000]  # 146 blocks of words
     assert [fletcher32(c) for c in cases] == [hdf5_fletcher32(c) for c in cases]
 
 
