@@ -247,7 +247,8 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
     for reader, (name, raw) in READERS.items():
         pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = raw
         stores[reader] = LogitStore(root / name, max_memory_bytes=budget)
-        assert (stores[reader]._raw is not None) == raw and not stores[reader].in_memory
+        assert (raw or stores[reader]._raw is None) and not stores[reader].in_memory  # HDF5 chunks under
+        # pipeline.h5raw.MIN_CHUNK_BYTES go through h5py even where raw reads are on
     pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True
     for r in range(repeats + 1):
         for reader, store in stores.items():
@@ -263,6 +264,22 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
         out[f"distill_ooc_read_raw_vs_lib_{fmt}{suffix}"] = statistics.median(
             b / a for a, b in zip(times[fmt], times[lib]))
     return out
+
+
+def reads_lines(setups, results: dict) -> list[str]:
+    """A line per setup of `reads_alone`'s figures."""
+    lines = []
+    for name in setups:
+        suffix = "" if name == "tiny" else f"_{name}"
+        us = {r: results[f"distill_ooc_read_us_per_batch_{r}{suffix}"] for r in READERS}
+        _, _, classes, samples, views, batch = SETUPS[name]
+        lines += ["", f"The readers alone ({name}: {samples:,} x {views} x {classes}, chunks of {chunk_for(samples)} "
+                  f"samples; one epoch's windowed batches of {batch}, `LogitStore.read` only, every chunk decoded once "
+                  "a pass, medians of alternated passes): us a batch " +
+                  ", ".join(f"{r} {v:,.0f}" for r, v in us.items()) +
+                  f"; the library's time over raw's: zarr {results[f'distill_ooc_read_raw_vs_lib_zarr{suffix}']:.2f}x, "
+                  f"hdf5 {results[f'distill_ooc_read_raw_vs_lib_hdf5{suffix}']:.2f}x"]
+    return lines
 
 
 def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
@@ -299,12 +316,13 @@ def scaling(tmp: Path, sizes=(10_000, 100_000, 1_000_000)) -> dict:
               help="Add the zarr_lib variant: the zarr store read through the zarr library, not raw.")
 @click.option("--reads", "with_reads", is_flag=True,
               help="Also time the readers alone: one epoch's batch reads, raw and through zarr / h5py.")
+@click.option("--reads-only", is_flag=True, help="Only time the readers alone (--reads), no training variants.")
 @click.option("--one", "variant", default=None, hidden=True)
 @click.option("--setup", default=None, hidden=True)
 @click.option("--samples", default=0, hidden=True)
 @click.option("--root", default=None, hidden=True)
 def main(repeats, out, json_path, setups, scaling_run, device_name, workers, quick, with_s3, with_h5py, with_zarr_lib,
-         with_reads, variant, setup, samples, root):
+         with_reads, reads_only, variant, setup, samples, root):
     global DEVICE, SETUPS, WORKERS, VARIANTS
     DEVICE, WORKERS = device_name, workers
     if with_h5py:
@@ -329,13 +347,23 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
     results, tables = {}, {}
     with tempfile.TemporaryDirectory(prefix="kd-ooc-") as tmp:
         for name in setups.split(","):
-            r, runs = measure(name, repeats, Path(tmp))
-            results.update(r)
-            tables[name] = runs
-            if with_reads:
+            if reads_only:
+                (Path(tmp) / name).mkdir()
+                write_stores(Path(tmp) / name, *SETUPS[name][2:5])
+            else:
+                r, runs = measure(name, repeats, Path(tmp))
+                results.update(r)
+                tables[name] = runs
+            if with_reads or reads_only:
                 results.update(reads_alone(name, repeats, Path(tmp)))
-        if scaling_run:
+        if scaling_run and not reads_only:
             results.update(scaling(Path(tmp)))
+    if reads_only:
+        lines = ["", "## The store's readers alone: raw against zarr and h5py", "",
+                 f"`python bench/distill_ooc.py --reads-only --repeats {repeats} --setups {setups}` "
+                 f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, one thread)"]
+        publish(lines + reads_lines(setups.split(","), results), results, out, json_path)
+        return
     lines = ["", "## Distilling from a store larger than memory", "",
              f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}"
              f"{' --s3' if 's3' in VARIANTS else ''}{' --hdf5-h5py' if with_h5py else ''}{' --zarr-lib' if with_zarr_lib else ''}{' --reads' if with_reads else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -355,14 +383,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
             lines.append(f"| {student} | {n:,} x {views} x {classes} | {rs[0]['store_mb']:.0f} | "
                          f"{rs[0]['budget_mb']:.1f} | {variant} | {per_s:,.0f} | {vs('floor'):.2f} | "
                          f"{vs('oracle'):.2f} | {max(x['rss_mb'] for x in rs):.0f} |")
-    for name in tables if with_reads else ():
-        suffix = "" if name == "tiny" else f"_{name}"
-        us = {r: results[f"distill_ooc_read_us_per_batch_{r}{suffix}"] for r in READERS}
-        lines += ["", f"The readers alone ({name}: one epoch's windowed batches of {SETUPS[name][5]}, `LogitStore.read` "
-                  "only, every chunk decoded once a pass, medians of alternated passes): us a batch " +
-                  ", ".join(f"{r} {v:,.0f}" for r, v in us.items()) +
-                  f"; the library's time over raw's: zarr {results[f'distill_ooc_read_raw_vs_lib_zarr{suffix}']:.2f}x, "
-                  f"hdf5 {results[f'distill_ooc_read_raw_vs_lib_hdf5{suffix}']:.2f}x"]
+    lines += reads_lines(tables if with_reads else [], results)
     lines += growth_line("Time per sample, zarr out of core (tiny_cnn, 10 classes, 1 view), as the data grows",
                          results, "distill_ooc_us_per_sample_")
     publish(lines, results, out, json_path)

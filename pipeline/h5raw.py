@@ -5,7 +5,7 @@ ahead of the training step stalls the step for as long as each chunk takes (benc
 raw, the file read (`os.pread`) and the checksum's numpy reductions run without the GIL.
 
 Only for a dataset laid out as `kd cache` writes it: chunked, one filter, fletcher32 (no compression), a
-little-endian dtype. `RawChunks.of` returns None for any other dataset; `read` returns None for a chunk HDF5
+little-endian dtype; and only for chunks of at least MIN_CHUNK_BYTES (`LogitStore` checks). `RawChunks.of` returns None for any other dataset; `read` returns None for a chunk HDF5
 would not read as stored bytes (not allocated, so its fill value; or written with the filter skipped), and the
 caller reads those through h5py. A chunk read here equals h5py's read of it, bit for bit (tests/test_store.py).
 
@@ -24,6 +24,8 @@ import numpy as np
 
 MOD = 65535
 BLOCK = 1024  # words a row in the blocked sums below
+MIN_CHUNK_BYTES = 256 << 10  # smaller chunks are read through h5py: as fast or faster there (numpy's per-call
+# overhead; `python bench/distill_ooc.py --reads-only`), and h5py holds the GIL only briefly for them
 NARROW_ROWS = 65536  # up to this many rows of BLOCK words, column sums fit uint32 (each below rows x 65535)
 
 

@@ -198,7 +198,8 @@ class LogitStore:
         elif (fmt == "hdf5" and RAW_HDF5) or (fmt == "zarr" and RAW_ZARR and not is_url(path)):
             reader = h5raw.RawChunks if fmt == "hdf5" else zarrraw.RawChunks
             raw = {name: reader.of(path, a) for name, a in arrays.items()}
-            if all(r is not None and r.rows == meta.chunk_samples for r in raw.values()):
+            if all(r is not None and r.rows == meta.chunk_samples
+                   and (fmt == "zarr" or r.nbytes >= h5raw.MIN_CHUNK_BYTES) for r in raw.values()):
                 self._raw = raw
 
     def _guarded(self, read, rows: str):

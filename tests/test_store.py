@@ -9,7 +9,7 @@ import zarr
 from pipeline.data import fingerprint
 from pipeline.models import weights_fingerprint
 from pipeline.replay import replay_view
-from pipeline import store as store_module, zarrraw
+from pipeline import h5raw, store as store_module, zarrraw
 from pipeline.h5raw import RawChunks, fletcher32
 from pipeline.store import LogitStore, StoreError, StoreMeta
 from pipeline.writer import StoreWriter, write_store
@@ -281,8 +281,26 @@ def test_fletcher32_is_hdf5s_checksum(narrow_rows, monkeypatch):
     assert [fletcher32(c) for c in cases] == [hdf5_fletcher32(c) for c in cases]
 
 
+@pytest.fixture
+def raw_small_chunks(monkeypatch):
+    """Small HDF5 chunks read raw too (by default those under h5raw.MIN_CHUNK_BYTES go through h5py)."""
+    monkeypatch.setattr(h5raw, "MIN_CHUNK_BYTES", 0)
+
+
+def test_hdf5_chunks_under_the_raw_minimum_are_read_through_h5py(tmp_path):
+    small, large = tmp_path / "small.hdf5", tmp_path / "large.hdf5"
+    complete_store(small, "hdf5")  # chunks of 4 x 2 x 10 float16
+    wide = np.random.default_rng(0).normal(0, 3, (8, 2, 8192)).astype(np.float32)
+    write_store(large, "hdf5", meta(num_samples=8, chunk_samples=4, dtype="float32", num_classes=8192),
+                np.zeros(8, np.int64), [(0, wide[:4]), (1, wide[4:])])  # chunks of 256 KiB
+    assert LogitStore(small, max_memory_bytes=0)._raw is None
+    store = LogitStore(large, max_memory_bytes=0)
+    assert store._raw is not None and store._raw["logits"].nbytes == h5raw.MIN_CHUNK_BYTES
+    assert np.array_equal(store.read(np.arange(8), np.ones(8, int)), wide[:, 1])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_hdf5_chunks_read_raw_equal_h5pys_reads_bit_for_bit(dtype, tmp_path):
+def test_hdf5_chunks_read_raw_equal_h5pys_reads_bit_for_bit(dtype, tmp_path, raw_small_chunks):
     path = tmp_path / "s.hdf5"
     write_store(path, "hdf5", meta(num_samples=10, chunk_samples=4, dtype=dtype), np.zeros(10, np.int64),
                 [(k, logits(4 if k < 2 else 2, seed=k)) for k in range(3)])  # a last chunk of 2 rows
@@ -315,7 +333,7 @@ def test_other_hdf5_layouts_are_read_through_h5py(tmp_path):
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
-def test_an_unwritten_hdf5_chunk_is_refused_never_read_as_zeros(in_memory, tmp_path):
+def test_an_unwritten_hdf5_chunk_is_refused_never_read_as_zeros(in_memory, tmp_path, raw_small_chunks):
     path = complete_store(tmp_path / "s.hdf5", "hdf5")  # 8 samples, chunks of 4
     with h5py.File(path, "a") as f:
         old = f["logits"][:]
@@ -329,7 +347,7 @@ def test_an_unwritten_hdf5_chunk_is_refused_never_read_as_zeros(in_memory, tmp_p
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
-def test_a_flipped_byte_fails_the_hdf5_checksum(in_memory, tmp_path):
+def test_a_flipped_byte_fails_the_hdf5_checksum(in_memory, tmp_path, raw_small_chunks):
     path = complete_store(tmp_path / "s.hdf5", "hdf5")
     with h5py.File(path, "r") as f:
         info = f["logits"].id.get_chunk_info_by_coord((4, 0, 0))
