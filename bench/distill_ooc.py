@@ -18,9 +18,10 @@ random float16 logits written once per run:
                changed (`pipeline.store.RAW_ZARR = False`)
   s3           (--s3) the zarr store at an s3:// URL on a local S3 server (moto's server mode on 127.0.0.1, started
                here, reached through AWS_ENDPOINT_URL), read as zarr is, within the same budget
-With --reads, the readers alone as well: one epoch of the windowed batches' `LogitStore.read` (no training, one
-thread, the chunk cache emptied before each pass so every chunk is decoded once, as in an epoch), raw and through the library per format,
-alternated; keys distill_ooc_read_us_per_batch_<reader>[...] and distill_ooc_read_raw_vs_lib_<fmt>[...] (the
+With --reads (--reads-only: nothing else), the readers alone as well: one epoch of the windowed batches'
+`LogitStore.read` (no training, one thread, the chunk cache emptied before each pass so every chunk is decoded once,
+as in an epoch), raw and through the library per format, alternated; keys
+distill_ooc_read_us_per_batch_<reader>[...] and distill_ooc_read_raw_vs_lib_<fmt>[...] (the
 library's time over raw's).
 (A full shuffle of a store larger than memory decodes most chunks for every batch: far slower, so left out; the
 distill-step figures in BENCHMARKS.md time it.)
@@ -30,7 +31,8 @@ on 1x8x8 (100 classes) and resnet20 on 3x32x32 (10 classes). Keys in results.jso
   distill_memory_vs_oracle[_resnet20],
   distill_ooc_peak_rss_mb (the largest out-of-core variant's peak RSS minus the floor's), distill_ooc_budget_mb,
   distill_ooc_us_per_sample_<N>samples (zarr, tiny student, as the data grows); with --workers N the keys end
-  in _wN (_gpu before it on a GPU); with --hdf5-h5py distill_ooc_hdf5_raw_vs_h5py[...]; with --zarr-lib distill_ooc_zarr_raw_vs_lib[...]; with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
+  in _wN (_gpu before it on a GPU); with --hdf5-h5py distill_ooc_hdf5_raw_vs_h5py[...]; with --zarr-lib
+  distill_ooc_zarr_raw_vs_lib[...]; with --s3 distill_ooc_vs_floor_s3[...] and distill_ooc_s3_vs_zarr[...].
 """
 
 from __future__ import annotations
@@ -230,6 +232,10 @@ READERS = {"zarr": ("logits.zarr", True), "zarr_lib": ("logits.zarr", False), "h
            "hdf5_h5py": ("logits.h5", False)}  # reader: (store, read raw)
 
 
+def _reads_suffix(setup: str) -> str:
+    return "" if setup == "tiny" else f"_{setup}"
+
+
 def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
     """Microseconds a batch of one epoch's windowed `LogitStore.read`s per reader (READERS), medians of `repeats`
     alternated passes (after one unmeasured pass), each with the store's chunk cache emptied (a budget of a tenth
@@ -249,7 +255,7 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
         stores[reader] = LogitStore(root / name, max_memory_bytes=budget)
         assert (raw or stores[reader]._raw is None) and not stores[reader].in_memory  # HDF5 chunks under
         # pipeline.h5raw.MIN_CHUNK_BYTES go through h5py even where raw reads are on
-    pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True
+    pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True  # as imported
     for r in range(repeats + 1):
         for reader, store in stores.items():
             store._chunks.clear()
@@ -258,7 +264,7 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
                 store.read(pairs[first:first + batch, 0], pairs[first:first + batch, 1])
             if r:
                 times[reader].append((time.perf_counter() - start) / -(-samples // batch) * 1e6)
-    suffix = "" if setup == "tiny" else f"_{setup}"
+    suffix = _reads_suffix(setup)
     out = {f"distill_ooc_read_us_per_batch_{reader}{suffix}": statistics.median(t) for reader, t in times.items()}
     for fmt, lib in (("zarr", "zarr_lib"), ("hdf5", "hdf5_h5py")):
         out[f"distill_ooc_read_raw_vs_lib_{fmt}{suffix}"] = statistics.median(
@@ -270,7 +276,7 @@ def reads_lines(setups, results: dict) -> list[str]:
     """A line per setup of `reads_alone`'s figures."""
     lines = []
     for name in setups:
-        suffix = "" if name == "tiny" else f"_{name}"
+        suffix = _reads_suffix(name)
         us = {r: results[f"distill_ooc_read_us_per_batch_{r}{suffix}"] for r in READERS}
         _, _, classes, samples, views, batch = SETUPS[name]
         lines += ["", f"The readers alone ({name}: {samples:,} x {views} x {classes}, chunks of {chunk_for(samples)} "
@@ -364,9 +370,12 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
                  f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, one thread)"]
         publish(lines + reads_lines(setups.split(","), results), results, out, json_path)
         return
+    flags = "".join(flag for flag, on in ((" --s3", "s3" in VARIANTS), (" --hdf5-h5py", with_h5py),
+                                          (" --zarr-lib", with_zarr_lib), (" --reads", with_reads)) if on)
     lines = ["", "## Distilling from a store larger than memory", "",
              f"`python bench/distill_ooc.py --repeats {repeats}{f' --workers {WORKERS}' if WORKERS else ''}"
-             f"{' --s3' if 's3' in VARIANTS else ''}{' --hdf5-h5py' if with_h5py else ''}{' --zarr-lib' if with_zarr_lib else ''}{' --reads' if with_reads else ''}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{flags}{'' if setups == 'tiny,resnet20' else f' --setups {setups}'}` "
+             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} cores, one torch thread per process, device {DEVICE}, {WORKERS} DataLoader workers): one epoch of the real `distill` loop per "
              f"variant, each in a fresh process, alternated, medians of {repeats}; float16 stores in "
              f"64-128 chunks (of 1024 samples in the tiny setup), memory budget (`memory_mb`) = store size / 10, windows of {WINDOW_CHUNKS} chunks, "

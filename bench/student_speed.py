@@ -114,8 +114,10 @@ def epoch_seconds(variant: str, student: str, data: Data, setting: str, device) 
     train, val = Split(data.images, data.labels), Split(data.images[:data.batch], data.labels[:data.batch])
     budget = data.store_bytes // 10 if variant.startswith("ooc") else 1 << 40
     pipeline.store.RAW_ZARR = variant != "ooc_lib"
-    store = LogitStore(data.root / "logits.zarr", max_memory_bytes=budget)
-    pipeline.store.RAW_ZARR = True
+    try:
+        store = LogitStore(data.root / "logits.zarr", max_memory_bytes=budget)
+    finally:
+        pipeline.store.RAW_ZARR = True  # as imported
     assert store.in_memory == (not variant.startswith("ooc"))
     marks = [time.perf_counter()]
 

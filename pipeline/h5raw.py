@@ -5,9 +5,10 @@ ahead of the training step stalls the step for as long as each chunk takes (benc
 raw, the file read (`os.pread`) and the checksum's numpy reductions run without the GIL.
 
 Only for a dataset laid out as `kd cache` writes it: chunked, one filter, fletcher32 (no compression), a
-little-endian dtype; and only for chunks of at least MIN_CHUNK_BYTES (`LogitStore` checks). `RawChunks.of` returns None for any other dataset; `read` returns None for a chunk HDF5
-would not read as stored bytes (not allocated, so its fill value; or written with the filter skipped), and the
-caller reads those through h5py. A chunk read here equals h5py's read of it, bit for bit (tests/test_store.py).
+little-endian dtype, chunks of at least MIN_CHUNK_BYTES. `RawChunks.of` returns None for any other dataset; `read`
+returns None for a chunk HDF5 would not read as stored bytes (not allocated, so its fill value; or written with the
+filter skipped), and the caller reads those through h5py. A chunk read here equals h5py's read of it, bit for bit
+(tests/test_store.py).
 
 fletcher32(data): HDF5's `H5_checksum_fletcher32`, over big-endian 16-bit words w_0..w_{n-1} (an odd last byte is
 the high byte of a last word): sum1 = Σ w_i and sum2 = Σ (n - i) w_i, each folded to 16 bits by end-around carry,
@@ -89,7 +90,8 @@ class RawChunks:
             return None
         if dataset.dtype.str[0] not in "<|" or not hasattr(dataset.id, "get_chunk_info_by_coord"):
             return None  # big-endian values, or an h5py without HDF5 1.10.5's chunk queries
-        return cls(path, dataset)
+        reader = cls(path, dataset)
+        return reader if reader.nbytes >= MIN_CHUNK_BYTES else None
 
     def read(self, first: int) -> np.ndarray | None:
         """The chunk whose first row is `first` (its rows within the dataset only), read-only; None where h5py must

@@ -198,8 +198,7 @@ class LogitStore:
         elif (fmt == "hdf5" and RAW_HDF5) or (fmt == "zarr" and RAW_ZARR and not is_url(path)):
             reader = h5raw.RawChunks if fmt == "hdf5" else zarrraw.RawChunks
             raw = {name: reader.of(path, a) for name, a in arrays.items()}
-            if all(r is not None and r.rows == meta.chunk_samples
-                   and (fmt == "zarr" or r.nbytes >= h5raw.MIN_CHUNK_BYTES) for r in raw.values()):
+            if all(r is not None and r.rows == meta.chunk_samples for r in raw.values()):
                 self._raw = raw
 
     def _guarded(self, read, rows: str):
@@ -237,7 +236,7 @@ class LogitStore:
     def _read_through_chunks(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Gather from whole decoded chunks, kept in an LRU cache within the memory budget: with the windowed
         sampler (`distill.shuffle_chunks`) every chunk is decoded about once per epoch. A batch's rows are
-        gathered chunk by chunk, grouped by one stable argsort (not a mask per chunk: `bench/distill_ooc.py --reads`)."""
+        gathered chunk by chunk, grouped by one stable argsort (not a mask per chunk: `distill_ooc.py --reads`)."""
         size = self.meta.chunk_samples
         out = {name: np.empty((len(samples), a.shape[2]), dtype=a.dtype) for name, a in self._arrays.items()}
         if not len(samples):

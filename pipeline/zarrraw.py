@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import google_crc32c  # zarr's own crc32c codec calls it
 import numpy as np
 
 
@@ -68,8 +69,6 @@ class RawChunks:
         if len(raw) != self.nbytes + 4:
             raise ValueError(f"chunk {key} holds {len(raw)} bytes, expected {self.nbytes} and a 4-byte checksum "
                              "(the file is truncated or not this array's)")
-        import google_crc32c
-
         computed = int(google_crc32c.value(np.frombuffer(raw, np.uint8)[:-4]))  # no copy
         stored = int.from_bytes(raw[-4:], "little")
         if stored != computed:

@@ -30,7 +30,8 @@ def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
     import json
 
     out, results = tmp_path / "ooc.md", tmp_path / "results.json"
-    script("bench/distill_ooc.py", "--quick", "--repeats", "1", "--hdf5-h5py", "--zarr-lib", "--append", out, "--json", results)
+    script("bench/distill_ooc.py", "--quick", "--repeats", "1", "--hdf5-h5py", "--zarr-lib", "--append", out,
+           "--json", results)
     assert "Distilling from a store larger than memory" in out.read_text()
     keys = json.loads(results.read_text())
     for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_hdf5_raw_vs_h5py",

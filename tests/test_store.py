@@ -321,7 +321,7 @@ def test_hdf5_chunks_read_raw_equal_h5pys_reads_bit_for_bit(dtype, tmp_path, raw
     assert np.array_equal(store.read(samples, views), LogitStore(path).read(samples, views))
 
 
-def test_other_hdf5_layouts_are_read_through_h5py(tmp_path):
+def test_other_hdf5_layouts_are_read_through_h5py(tmp_path, raw_small_chunks):
     with h5py.File(tmp_path / "x.h5", "w") as f:
         kinds = {"fletcher32": {"fletcher32": True}, "gzip": {"fletcher32": True, "compression": "gzip"},
                  "none": {}, "by views": {"fletcher32": True, "chunks": (4, 1, 10)},
