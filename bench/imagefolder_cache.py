@@ -63,6 +63,7 @@ import click
 import numpy as np
 import torch
 
+from machine import busy_seconds, others_between, wait_quiet
 from output import publish
 from pipeline.data import input_transform, load_dataset
 from pipeline.models import build_model
@@ -192,40 +193,14 @@ def count_decodes() -> None:
 
 # ---- timing ---------------------------------------------------------------------------------------------------
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU-seconds all processes spent busy, per /proc/stat; CPU-seconds this process and its children spent):
-    their difference over a window is what other processes took meanwhile (as bench/throughput.py measures it)."""
-    t = os.times()
-    ours = t.user + t.system + t.children_user + t.children_system
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan"), ours
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), ours
-
-
 def timed(fn) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of this process and its children, cores other processes used meanwhile)."""
-    busy, ours = busy_seconds()
+    before = busy_seconds(children=True)
     start = time.perf_counter()
     fn()
     wall = time.perf_counter() - start
-    busy_end, ours_end = busy_seconds()
-    return wall, ours_end - ours, max(0.0, (busy_end - busy) - (ours_end - ours)) / wall
-
-
-def wait_quiet(limit_s: float, cores: float = 0.3) -> float:
-    """Sleep until other processes use under `cores` cores (sampled over 0.5 s) or `limit_s` has passed; returns
-    the last sample. With torch's 2 threads on 2 cores, a third busy thread slows multithreaded steps ~10x."""
-    deadline = time.perf_counter() + limit_s
-    while True:
-        busy, ours = busy_seconds()
-        time.sleep(0.5)
-        busy_end, ours_end = busy_seconds()
-        others = max(0.0, (busy_end - busy) - (ours_end - ours)) / 0.5
-        if others < cores or time.perf_counter() >= deadline:
-            return others
+    after = busy_seconds(children=True)
+    return wall, after[1] - before[1], others_between(before, after, wall)
 
 
 def on_threads(threads: int, fn):
@@ -306,7 +281,7 @@ def measure(split, num_classes, mean, std, arch, views, batch, repeats, wait_s, 
     forward(), replay()  # warm up
     cpu, wall, others, decodes = ({k: [] for k, _, _ in jobs} for _ in range(4))
     for r in range(repeats):
-        quiet = wait_quiet(wait_s)
+        quiet = wait_quiet(wait_s, 0.3)  # with torch's 2 threads on 2 cores, a third busy thread slows steps ~10x
         for key, fn, units in jobs:
             DECODES.value = 0
             wall_s, cpu_s, others_cores = timed(fn)

@@ -46,6 +46,7 @@ import click
 import numpy as np
 import torch
 
+from machine import busy_seconds, others_between, others_now
 from output import publish
 
 from pipeline.models import build_model, resolve_device
@@ -110,30 +111,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU-seconds all processes spent busy, CPU-seconds this process spent), from /proc/stat and os.times.
-
-    Their difference over a window is what other processes took from the machine meanwhile.
-    """
-    ours = os.times()
-    ours_s = ours.user + ours.system
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return float("nan"), ours_s
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal; guest is inside user
-    return busy / os.sysconf("SC_CLK_TCK"), ours_s
-
-
-def others_now(seconds: float = 0.5) -> float:
-    """CPU cores other processes are using, sampled over `seconds` while this process sleeps."""
-    busy0, ours0 = busy_seconds()
-    time.sleep(seconds)
-    busy1, ours1 = busy_seconds()
-    return max(0.0, (busy1 - busy0) - (ours1 - ours0)) / seconds
-
-
 def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tuple[int, float]:
     """Run `job` until `seconds` have passed and at least `min_steps` steps are done: (steps, elapsed).
 
@@ -142,7 +119,7 @@ def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tu
     """
     gc.collect()
     sync(device)
-    busy0, ours0 = busy_seconds()
+    before = busy_seconds()
     start = time.perf_counter()
     steps = 0
     while True:
@@ -151,8 +128,7 @@ def window(job: Job, seconds: float, min_steps: int, device: torch.device) -> tu
         sync(device)
         elapsed = time.perf_counter() - start
         if steps >= min_steps and elapsed >= seconds:
-            busy1, ours1 = busy_seconds()
-            job.others.append(max(0.0, (busy1 - busy0) - (ours1 - ours0)) / elapsed)
+            job.others.append(others_between(before, busy_seconds(), elapsed))
             return steps, elapsed
 
 

@@ -36,8 +36,11 @@ def test_out_of_core_benchmark_smoke_run_writes_its_table_and_keys(tmp_path):
     keys = json.loads(results.read_text())
     for key in ("distill_ooc_vs_floor_zarr", "distill_ooc_vs_floor_hdf5", "distill_ooc_hdf5_raw_vs_h5py",
                 "distill_ooc_zarr_raw_vs_lib", "distill_ooc_peak_rss_mb",
-                "distill_memory_vs_oracle", "distill_oracle_vs_floor"):
+                "distill_memory_vs_oracle", "distill_oracle_vs_floor", "distill_step_us_ce",
+                "distill_step_us_kd"):
         assert key in keys
+    assert 0 < keys["distill_ooc_ceiling_vs_floor"] < 2  # a KD step against a CE step, both timed
+    assert "others at most" in out.read_text() and "The ceiling (tiny)" in out.read_text()
 
 
 def test_mnist_pairs_make_a_100_class_cifar100_layout(tmp_path):
@@ -99,3 +102,20 @@ def test_draws_benchmark_smoke_run_checks_both_ways_agree_and_writes_its_keys(tm
     keys = json.loads(results.read_text())
     assert keys["draws_views_per_s_computed_64"] > 0 and keys["draws_views_per_s_calls_64"] > 0
     assert "draws_computed_vs_calls_64" in keys
+
+
+def test_others_cores_are_the_machine_busy_time_less_our_own():
+    import math
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import machine
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    # (machine busy CPU-s, our CPU-s) readings 2 s apart: others took 3 - 1 = 2 CPU-s, i.e. 1 core
+    assert machine.others_between((10.0, 5.0), (13.0, 6.0), 2.0) == 1.0
+    assert machine.others_between((10.0, 5.0), (10.5, 6.0), 2.0) == 0.0  # clock ticks vs os.times: never below 0
+    busy, ours = machine.busy_seconds(children=True)
+    assert math.isfinite(busy) and busy > 0 and ours > 0
+    assert machine.others_now(0.05) >= 0.0
