@@ -69,7 +69,7 @@ WINDOW_CHUNKS = 4
 DEVICE = "cpu"
 WORKERS = 0  # DataLoader workers of every variant (--workers)
 QUIET = 0.05  # a repeat is clean when others (processes, steal) used at most this many cores during each variant
-CEILING_WINDOWS = 30  # alternated windows of 100 steps each, CE and KD, in `step_ceiling`
+CEILING_WINDOWS = 30  # alternated windows of ~0.25 s (100 steps of the tiny student), CE and KD, in `step_ceiling`
 ATTEMPTS = 3  # at most this many times --repeats repeats are run, until --repeats of them are clean
 
 
@@ -254,11 +254,12 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict, tuple[int,
     return results, runs, kept_note
 
 
-def step_ceiling(setup: str, windows: int = CEILING_WINDOWS, steps: int = 100) -> dict:
+def step_ceiling(setup: str, windows: int = CEILING_WINDOWS, window_s: float = 0.25) -> dict:
     """The most any source of teacher logits can give this setup, as a fraction of the plain-CE floor: one
     `distill_step` (forward, loss, backward, Adam) with `kd_loss` on logits already in memory, against one with
-    kd_weight 0, the same batch, alternated `windows` windows of `steps` steps in this process (medians). Steady
-    where whole epochs are not: both sides of each pair run within a second of each other in one process.
+    kd_weight 0, the same batch, alternated `windows` windows of about `window_s` seconds each (the same step count
+    on both sides, at most 100) in this process (medians). Steady where whole epochs are not: both
+    sides of each pair run within a second of each other in one process.
     Keys distill_step_us_<ce|kd>[...] and distill_ooc_ceiling_vs_floor[...] (CE step time over KD step time)."""
     import torch
 
@@ -275,6 +276,10 @@ def step_ceiling(setup: str, windows: int = CEILING_WINDOWS, steps: int = 100) -
     none = torch.zeros(batch, dtype=torch.int64)  # (sample, view) indices: unused with the logits given
     kd_weights = {"ce": 0.0, "kd": 1.0}
     times = {kind: [] for kind in kd_weights}
+    start = time.perf_counter()
+    for _ in range(3):
+        distill_step(model, optimizer, None, x, y, none, none, 4.0, 1.0, torch.device("cpu"), teacher_logits=teacher)
+    steps = max(2, min(100, round(window_s * 3 / (time.perf_counter() - start))))
     for w in range(windows + 1):
         for kind, kd in kd_weights.items():
             start = time.perf_counter()
@@ -283,6 +288,7 @@ def step_ceiling(setup: str, windows: int = CEILING_WINDOWS, steps: int = 100) -
                              teacher_logits=teacher if kd else None)
             if w:  # the first window warms up
                 times[kind].append((time.perf_counter() - start) / steps * 1e6)
+    click.echo(f"  {setup} ceiling: {steps} steps a window", err=True)
     suffix = _reads_suffix(setup)
     return {f"distill_step_us_ce{suffix}": statistics.median(times["ce"]),
             f"distill_step_us_kd{suffix}": statistics.median(times["kd"]),
@@ -463,7 +469,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
         key = lambda k: results[f"{k}{_reads_suffix(name)}"]  # noqa: E731
         lines += ["", f"The ceiling ({name}): one `distill_step` with `kd_loss` on teacher logits already in memory "
                   f"took {key('distill_step_us_kd'):,.0f} us against {key('distill_step_us_ce'):,.0f} us with plain "
-                  f"CE (medians of {3 if quick else CEILING_WINDOWS} alternated windows of 100 steps in one process): "
+                  f"CE (medians of {3 if quick else CEILING_WINDOWS} alternated windows of ~0.25 s in one process): "
                   f"no source of logits can give more than {key('distill_ooc_ceiling_vs_floor'):.2f}x of the floor "
                   "here (`distill_ooc_ceiling_vs_floor`)."]
     lines += reads_lines(tables if with_reads else [], results)

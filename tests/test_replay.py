@@ -222,8 +222,9 @@ def test_mt19937_words_are_torchs_generator_words():
     the float32 tie of a flip's p (seed 5254236 draws exactly float32(0.7), which is not < 0.7 in float32)."""
     from pipeline.replay import mt19937_is_torchs, mt19937_words
 
-    seeds = np.concatenate([np.arange(20), np.random.default_rng(0).integers(0, 2**63, 200) * 2 + 1,
-                            [2**32, 2**64 - 1, 5254236]]).astype(np.uint64)
+    odd = np.random.default_rng(0).integers(0, 2**63, 200, dtype=np.uint64) * 2 + 1  # odd, up to 2**64 - 1
+    seeds = np.concatenate([np.arange(20, dtype=np.uint64), odd, np.array([2**32, 2**64 - 1, 5254236], np.uint64)])
+    assert seeds.dtype == np.uint64 and seeds.max() == 2**64 - 1 and (odd > 2**63).sum() > 50  # no float round trip
     words = mt19937_words(seeds, 5)
     generator = torch.Generator()
     for seed, row in zip(seeds.tolist(), words.tolist()):
