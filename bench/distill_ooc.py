@@ -194,13 +194,18 @@ def peak_rss_mb() -> float:
     return sum(resource.getrusage(w).ru_maxrss for w in who) / 1024
 
 
+def _quick() -> bool:
+    """Whether this is a --quick (smoke) run: its tiny setup replaced by QUICK's."""
+    return SETUPS.get("tiny") == QUICK["tiny"]
+
+
 def run_one(variant: str, setup: str, samples: int, root: Path) -> dict:
     """`one` in a fresh process; its result with `others`: the cores other processes and the hypervisor (steal)
     used while it ran (machine.py), start-up included."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH")]))}
-    quick = ["--quick"] if SETUPS.get("tiny") == QUICK["tiny"] else []
+    quick = ["--quick"] if _quick() else []
     quick += ["--device", DEVICE, "--workers", str(WORKERS)]
     before, start = busy_seconds(children=True), time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--one", variant, "--setup", setup, "--samples", str(samples),
@@ -215,7 +220,7 @@ def measure(setup: str, repeats: int, tmp: Path) -> tuple[dict, dict, tuple[int,
     root.mkdir()
     write_stores(root, classes, samples, views)
     attempts = []  # (the most cores others used during one of its variants, {variant: run})
-    quick = SETUPS.get("tiny") == QUICK["tiny"]
+    quick = _quick()
     while len(attempts) < repeats * (1 if quick else ATTEMPTS):
         if not quick:
             wait_quiet(60, QUIET)
@@ -289,7 +294,7 @@ def step_ceiling(setup: str, windows: int = CEILING_WINDOWS, window_s: float = 0
             if w:  # the first window warms up
                 times[kind].append((time.perf_counter() - start) / steps * 1e6)
     click.echo(f"  {setup} ceiling: {steps} steps a window", err=True)
-    suffix = _reads_suffix(setup)
+    suffix = _setup_suffix(setup)
     return {f"distill_step_us_ce{suffix}": statistics.median(times["ce"]),
             f"distill_step_us_kd{suffix}": statistics.median(times["kd"]),
             f"distill_ooc_ceiling_vs_floor{suffix}": statistics.median(c / k for c, k in zip(times["ce"], times["kd"]))}
@@ -299,7 +304,8 @@ READERS = {"zarr": ("logits.zarr", True), "zarr_lib": ("logits.zarr", False), "h
            "hdf5_h5py": ("logits.h5", False)}  # reader: (store, read raw)
 
 
-def _reads_suffix(setup: str) -> str:
+def _setup_suffix(setup: str) -> str:
+    """The key suffix of a setup's figures that do not depend on the device or workers (reads, the ceiling)."""
     return "" if setup == "tiny" else f"_{setup}"
 
 
@@ -317,12 +323,14 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
     pairs = np.array(epoch_pairs("random", views, samples, 0, 0, WINDOW_CHUNKS * chunk_for(samples)))
     times = {r: [] for r in READERS}
     stores = {}
-    for reader, (name, raw) in READERS.items():
-        pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = raw
-        stores[reader] = LogitStore(root / name, max_memory_bytes=budget)
-        assert (raw or stores[reader]._raw is None) and not stores[reader].in_memory  # HDF5 chunks under
-        # pipeline.h5raw.MIN_CHUNK_BYTES go through h5py even where raw reads are on
-    pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True  # as imported
+    try:
+        for reader, (name, raw) in READERS.items():
+            pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = raw
+            stores[reader] = LogitStore(root / name, max_memory_bytes=budget)
+            assert (raw or stores[reader]._raw is None) and not stores[reader].in_memory  # HDF5 chunks under
+            # pipeline.h5raw.MIN_CHUNK_BYTES go through h5py even where raw reads are on
+    finally:
+        pipeline.store.RAW_ZARR = pipeline.store.RAW_HDF5 = True  # as imported
     for r in range(repeats + 1):
         for reader, store in stores.items():
             store._chunks.clear()
@@ -331,7 +339,7 @@ def reads_alone(setup: str, repeats: int, tmp: Path) -> dict:
                 store.read(pairs[first:first + batch, 0], pairs[first:first + batch, 1])
             if r:
                 times[reader].append((time.perf_counter() - start) / -(-samples // batch) * 1e6)
-    suffix = _reads_suffix(setup)
+    suffix = _setup_suffix(setup)
     out = {f"distill_ooc_read_us_per_batch_{reader}{suffix}": statistics.median(t) for reader, t in times.items()}
     for fmt, lib in (("zarr", "zarr_lib"), ("hdf5", "hdf5_h5py")):
         out[f"distill_ooc_read_raw_vs_lib_{fmt}{suffix}"] = statistics.median(
@@ -343,7 +351,7 @@ def reads_lines(setups, results: dict) -> list[str]:
     """A line per setup of `reads_alone`'s figures."""
     lines = []
     for name in setups:
-        suffix = _reads_suffix(name)
+        suffix = _setup_suffix(name)
         us = {r: results[f"distill_ooc_read_us_per_batch_{r}{suffix}"] for r in READERS}
         _, _, classes, samples, views, batch = SETUPS[name]
         lines += ["", f"The readers alone ({name}: {samples:,} x {views} x {classes}, chunks of {chunk_for(samples)} "
@@ -418,6 +426,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
         print(json.dumps(one(variant, setup, samples, Path(root))))
         return
     results, tables, kept_notes = {}, {}, {}
+    ceiling_windows = 3 if quick else CEILING_WINDOWS
     with tempfile.TemporaryDirectory(prefix="kd-ooc-") as tmp:
         for name in setups.split(","):
             if reads_only:
@@ -428,7 +437,7 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
                 results.update(r)
                 tables[name] = runs
                 if DEVICE == "cpu":
-                    results.update(step_ceiling(name, 3 if quick else CEILING_WINDOWS))
+                    results.update(step_ceiling(name, ceiling_windows))
             if with_reads or reads_only:
                 results.update(reads_alone(name, repeats, Path(tmp)))
         if scaling_run and not reads_only:
@@ -466,10 +475,10 @@ def main(repeats, out, json_path, setups, scaling_run, device_name, workers, qui
                          f"{rs[0]['budget_mb']:.1f} | {variant} | {per_s:,.0f} | {vs('floor'):.2f} | "
                          f"{vs('oracle'):.2f} | {max(x['rss_mb'] for x in rs):.0f} |")
     for name in tables if DEVICE == "cpu" else []:
-        key = lambda k: results[f"{k}{_reads_suffix(name)}"]  # noqa: E731
+        key = lambda k: results[f"{k}{_setup_suffix(name)}"]  # noqa: E731
         lines += ["", f"The ceiling ({name}): one `distill_step` with `kd_loss` on teacher logits already in memory "
                   f"took {key('distill_step_us_kd'):,.0f} us against {key('distill_step_us_ce'):,.0f} us with plain "
-                  f"CE (medians of {3 if quick else CEILING_WINDOWS} alternated windows of ~0.25 s in one process): "
+                  f"CE (medians of {ceiling_windows} alternated windows of ~0.25 s in one process): "
                   f"no source of logits can give more than {key('distill_ooc_ceiling_vs_floor'):.2f}x of the floor "
                   "here (`distill_ooc_ceiling_vs_floor`)."]
     lines += reads_lines(tables if with_reads else [], results)
